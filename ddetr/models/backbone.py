@@ -1,0 +1,263 @@
+"""ResNet backbone with frozen batch norm, returning C3-C5 (or C5) feature maps and their padding masks.
+
+Parameter names equal torchvision's ResNet (`conv1`, `bn1`, `layer1.0.conv1`, `...downsample.0`), so its
+ImageNet weights load directly, and under the model they read `backbone.0.body.*` as in the official release.
+Nothing is downloaded unless `load_imagenet_weights` is called with a URL.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddetr.models.position_encoding import PositionEmbeddingSine
+
+# torchvision's ImageNet-1k (V1) weights, the ones the official release trained from.
+IMAGENET_URLS = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+}
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics and affine parameters, all buffers: detection batches are too small
+    to estimate statistics, so the ImageNet ones are kept."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # torchvision's BatchNorm2d carries a step counter that a frozen layer has no use for.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, dilation: int = 1
+    ) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride, dilation)
+        self.bn1 = FrozenBatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes, dilation=dilation)
+        self.bn2 = FrozenBatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided, the "ResNet v1.5" of torchvision) -> 1x1 (ResNet-50/101)."""
+
+    expansion = 4
+
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, dilation: int = 1
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = FrozenBatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride, dilation)
+        self.bn2 = FrozenBatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = FrozenBatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+RESNET_SPECS: dict[str, tuple[type[nn.Module], list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (Bottleneck, [3, 4, 23, 3]),
+}
+
+
+class ResNet(nn.Module):
+    """The convolutional part of torchvision's ResNet (no pooling head, no `fc`).
+
+    forward: (B, 3, H, W) -> dict {"layer2": (B, C3, H/8, W/8), "layer3": (B, C4, H/16, W/16),
+    "layer4": (B, C5, H/32, W/32)} (H/16 for layer4 with `dilation`).
+    """
+
+    def __init__(self, name: str, dilation: bool = False) -> None:
+        super().__init__()
+        block, layers = RESNET_SPECS[name]
+        self.inplanes, self.dilation = 64, 1
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = FrozenBatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=dilation)
+        self.channels = [128 * block.expansion, 256 * block.expansion, 512 * block.expansion]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_layer(
+        self, block: type[nn.Module], planes: int, blocks: int, stride: int = 1, dilate: bool = False
+    ) -> nn.Sequential:
+        previous_dilation = self.dilation
+        if dilate:
+            # DC5: trade the stride for dilation; the first block keeps the previous dilation, as torchvision.
+            self.dilation *= stride
+            stride = 1
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+                FrozenBatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample, previous_dilation)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer1(x)
+        c3 = self.layer2(x)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return {"layer2": c3, "layer3": c4, "layer4": c5}
+
+
+def load_imagenet_weights(body: ResNet, source: str, name: str) -> None:
+    """Load torchvision ImageNet weights into `body` from a local path, a URL, or "imagenet" (the torchvision URL).
+
+    The classifier (`fc.*`) is dropped; every other key must match, else a RuntimeError names them.
+    """
+    if source == "imagenet":
+        source = IMAGENET_URLS[name]
+    if source.startswith(("http://", "https://")):
+        try:
+            state = torch.hub.load_state_dict_from_url(source, map_location="cpu", progress=False)
+        except Exception as e:  # URLError, HTTPError, socket errors...: all mean "could not fetch"
+            raise RuntimeError(
+                f"could not download the {name} backbone weights from {source} ({e}); download the file "
+                f"elsewhere and set model.pretrained_backbone to its local path, or to None for random init"
+            ) from e
+    else:
+        if not os.path.isfile(source):
+            raise FileNotFoundError(
+                f"backbone weights file {source!r} not found; set model.pretrained_backbone to an existing "
+                f"torchvision {name} .pth file, a URL, 'imagenet', or None for random init"
+            )
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    result = body.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(
+            f"backbone weights {source} do not fit {name}: missing {result.missing_keys[:10]}, "
+            f"unexpected {result.unexpected_keys[:10]} (is it a torchvision {name} state dict?)"
+        )
+
+
+class Backbone(nn.Module):
+    """ResNet body plus the downsampled padding mask of each returned level.
+
+    Args:
+        name: resnet18/34/50/101.
+        return_interm_layers: return C3, C4, C5 (strides 8, 16, 32) rather than C5 alone.
+        dilation: DC5 (the last level at stride 16).
+        train_backbone: when False every parameter is frozen; when True only the stem and layer1 are.
+    """
+
+    def __init__(self, name: str, return_interm_layers: bool, dilation: bool, train_backbone: bool = True) -> None:
+        super().__init__()
+        self.body = ResNet(name, dilation)
+        for pname, p in self.body.named_parameters():
+            # Official schedule: the stem and layer1 stay at their ImageNet values.
+            if not train_backbone or not pname.startswith(("layer2", "layer3", "layer4")):
+                p.requires_grad_(False)
+        self.return_layers = ["layer2", "layer3", "layer4"] if return_interm_layers else ["layer4"]
+        self.strides = [8, 16, 32] if return_interm_layers else [32]
+        self.num_channels = self.body.channels if return_interm_layers else self.body.channels[-1:]
+        if dilation:
+            self.strides[-1] //= 2
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """images (B, 3, H, W), mask (B, H, W) True at padding -> per level (features (B, C_l, H_l, W_l),
+        mask (B, H_l, W_l))."""
+        xs = self.body(images)
+        out = []
+        for name in self.return_layers:
+            x = xs[name]
+            # Nearest interpolation of the image mask, as DETR: a feature cell is padding if its top-left pixel is.
+            m = F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
+            out.append((x, m))
+        return out
+
+
+class Joiner(nn.Sequential):
+    """`backbone.0` is the CNN, `backbone.1` the position encoding (the official module layout)."""
+
+    def __init__(self, backbone: Backbone, position_embedding: PositionEmbeddingSine) -> None:
+        super().__init__(backbone, position_embedding)
+        self.strides = backbone.strides
+        self.num_channels = backbone.num_channels
+
+    def forward(
+        self, images: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+        """-> ([(features, mask)] per level, [position embedding (B, d_model, H_l, W_l)] per level)."""
+        features = self[0](images, mask)
+        pos = [self[1](m).to(x.dtype) for x, m in features]
+        return features, pos
+
+
+def build_backbone(
+    name: str,
+    d_model: int,
+    multi_scale: bool,
+    dilation: bool = False,
+    pretrained: str | None = None,
+    train_backbone: bool = True,
+) -> Joiner:
+    """ResNet + sine position encoding (d_model/2 features per axis); loads `pretrained` weights if given."""
+    backbone = Backbone(name, return_interm_layers=multi_scale, dilation=dilation, train_backbone=train_backbone)
+    if pretrained is not None:
+        load_imagenet_weights(backbone.body, pretrained, name)
+    return Joiner(backbone, PositionEmbeddingSine(d_model // 2, normalize=True))

@@ -1,0 +1,167 @@
+"""Reading checkpoints of the official release (fundamentalvision/Deformable-DETR) into our model.
+
+Our parameter names and shapes equal the official ones for every variant, so the `model` entry of an
+official `.pth` loads with `strict=True`. Official files also pickle the run's `argparse.Namespace`; they are
+read with `torch.load(weights_only=True)`, allowing only that class (and the `Counter` of the lr scheduler's
+state) beyond tensors and containers: a file that pickles anything else is refused rather than executed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import logging
+import math
+import os
+import pickle
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddetr.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# The only non-tensor classes an official checkpoint pickles: the run's arguments and MultiStepLR's milestones.
+SAFE_GLOBALS = [argparse.Namespace, collections.Counter]
+CLASS_HEAD_PREFIXES = ("class_embed.", "transformer.decoder.class_embed.")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint file without executing arbitrary pickled code.
+
+    Returns:
+        the checkpoint dict (official: "model", "args", and for training checkpoints "optimizer",
+        "lr_scheduler", "epoch").
+
+    Raises:
+        FileNotFoundError: no such file.
+        RuntimeError: the file pickles objects other than tensors, containers, argparse.Namespace and Counter.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} not found")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise RuntimeError(
+            f"refusing to load {os.fspath(path)!r}: it pickles objects other than tensors, containers and "
+            f"argparse.Namespace, and unpickling them could run arbitrary code. If you trust the file, convert it "
+            f"once: torch.save({{'model': torch.load(path, weights_only=False)['model']}}, new_path). Details: {e}"
+        ) from e
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What `load_official_checkpoint` did: the run's args (or None) and the class-head keys re-initialised."""
+
+    args: argparse.Namespace | None
+    reinitialized: list[str]
+
+
+def _reinit_class_heads(model: nn.Module) -> None:
+    """Fresh class heads with the focal-loss prior (p = 0.01) on the bias, as at construction."""
+    prior_bias = -math.log((1 - 0.01) / 0.01)
+    for head in model.class_embed:
+        head.reset_parameters()
+        nn.init.constant_(head.bias, prior_bias)
+
+
+def load_official_checkpoint(
+    model: nn.Module, checkpoint: str | os.PathLike | dict[str, Any], allow_num_classes_change: bool = True
+) -> LoadReport:
+    """Load an official (or our own) checkpoint's weights into `model`, strictly.
+
+    Args:
+        model: a `DeformableDETR` of the checkpoint's variant (see `config_from_official_args`).
+        checkpoint: a path, or an already-read dict with a "model" entry (or a bare state dict).
+        allow_num_classes_change: when only the class heads differ in shape (another dataset), keep the
+            model's freshly initialised heads, log which keys were skipped, and load everything else.
+
+    Returns:
+        a `LoadReport`.
+
+    Raises:
+        RuntimeError: any other difference; the message lists the missing, unexpected and shape-mismatched keys.
+    """
+    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, str | os.PathLike) else checkpoint
+    state = ckpt.get("model", ckpt)
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), argparse.Namespace) else None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    head_mismatch = [k for k in mismatched if k.startswith(CLASS_HEAD_PREFIXES)]
+    other_mismatch = [k for k in mismatched if not k.startswith(CLASS_HEAD_PREFIXES)]
+    if missing or unexpected or other_mismatch or (head_mismatch and not allow_num_classes_change):
+        lines = [f"checkpoint does not fit the model ({type(model).__name__}):"]
+        if missing:
+            lines.append(f"  missing in checkpoint ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected in checkpoint ({len(unexpected)}): {', '.join(unexpected)}")
+        for k in other_mismatch + ([] if allow_num_classes_change else head_mismatch):
+            lines.append(f"  shape mismatch {k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}")
+        lines.append("  (is the model built with the checkpoint's variant? see config_from_official_args)")
+        raise RuntimeError("\n".join(lines))
+    if head_mismatch:
+        k = head_mismatch[0]
+        log.warning(
+            "checkpoint class heads have %d classes, the model %d: re-initialising %d class-head tensors (%s...) "
+            "and loading everything else",
+            state[k].shape[0],
+            own[k].shape[0],
+            len(head_mismatch),
+            k,
+        )
+        state = {k: v for k, v in state.items() if k not in head_mismatch}
+        _reinit_class_heads(model)
+    result = model.load_state_dict(state, strict=not head_mismatch)
+    assert sorted(result.missing_keys) == sorted(head_mismatch) and not result.unexpected_keys
+    return LoadReport(args=args, reinitialized=head_mismatch)
+
+
+# Official main.py argument -> our ModelConfig field, where the names differ or agree.
+_ARG_TO_FIELD = {
+    "backbone": "backbone",
+    "dilation": "dilation",
+    "num_feature_levels": "num_feature_levels",
+    "hidden_dim": "d_model",
+    "enc_layers": "enc_layers",
+    "dec_layers": "dec_layers",
+    "dim_feedforward": "dim_feedforward",
+    "dropout": "dropout",
+    "nheads": "nheads",
+    "dec_n_points": "dec_n_points",
+    "enc_n_points": "enc_n_points",
+    "num_queries": "num_queries",
+    "with_box_refine": "with_box_refine",
+    "two_stage": "two_stage",
+    "aux_loss": "aux_loss",
+}
+# The official build derives the class count from the dataset name.
+_DATASET_NUM_CLASSES = {"coco": 91, "coco_panoptic": 250}
+
+
+def config_from_official_args(
+    args: argparse.Namespace | dict[str, Any], base: ModelConfig | None = None
+) -> ModelConfig:
+    """A ModelConfig from an official checkpoint's `args` (fields it lacks keep `base`'s values).
+
+    Raises:
+        ValueError: the checkpoint uses a feature we do not implement (segmentation masks, learned position
+            encoding).
+    """
+    a = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    if a.get("masks"):
+        raise ValueError("official checkpoint was trained with --masks (segmentation), which ddetr does not implement")
+    if a.get("position_embedding", "sine") not in ("sine", "v2"):
+        raise ValueError(
+            f"official checkpoint uses position_embedding={a['position_embedding']!r}; "
+            "ddetr implements only the sine encoding"
+        )
+    changes = {field: a[arg] for arg, field in _ARG_TO_FIELD.items() if arg in a}
+    if a.get("dataset_file") in _DATASET_NUM_CLASSES:
+        changes["num_classes"] = _DATASET_NUM_CLASSES[a["dataset_file"]]
+    return dataclasses.replace(base or ModelConfig(), **changes)

@@ -1,0 +1,361 @@
+"""The deformable transformer: the encoder (deformable_encoder.py), a decoder of object queries, two-stage proposals.
+
+Module and parameter names follow the official release (`transformer.encoder.layers.i.self_attn...`,
+`transformer.decoder.layers.i.cross_attn...`) so its checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddetr.models.deformable_encoder import DeformableTransformerEncoder, DeformableTransformerEncoderLayer
+from ddetr.ops import MSDeformAttn
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """log(x / (1 - x)) with x clamped away from 0 and 1, so boxes at the border stay finite."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class DeformableTransformerDecoderLayer(nn.Module):
+    """Query self-attention, deformable cross-attention into the memory, then a ReLU FFN; post-norm."""
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        msda_backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=msda_backend)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        query_pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        src: torch.Tensor,
+        src_spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        src_padding_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """tgt, query_pos (B, Q, D); reference_points (B, Q, L, 2 or 4); src (B, S, D) -> (B, Q, D)."""
+        q = k = tgt + query_pos
+        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        tgt2 = self.cross_attn(
+            tgt + query_pos, reference_points, src, src_spatial_shapes, level_start_index, src_padding_mask
+        )
+        tgt = self.norm1(tgt + self.dropout1(tgt2))
+        tgt2 = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout4(tgt2))
+
+
+class DeformableTransformerDecoder(nn.Module):
+    """A stack of decoder layers returning every layer's output and reference points.
+
+    `bbox_embed` (per-layer box heads, shared with the detector) is set for iterative box refinement and
+    `class_embed` for two-stage; they live here because the official state dict names them
+    `transformer.decoder.bbox_embed` / `transformer.decoder.class_embed`.
+    """
+
+    def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.num_layers = num_layers
+        self.bbox_embed: nn.ModuleList | None = None
+        self.class_embed: nn.ModuleList | None = None
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        reference_points: torch.Tensor,
+        src: torch.Tensor,
+        src_spatial_shapes: torch.Tensor,
+        src_level_start_index: torch.Tensor,
+        src_valid_ratios: torch.Tensor,
+        query_pos: torch.Tensor,
+        src_padding_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            tgt, query_pos: (B, Q, D) content and positional queries.
+            reference_points: (B, Q, 2) points or (B, Q, 4) boxes, normalised to the valid image.
+            src: (B, S, D) memory; src_valid_ratios (B, L, 2); src_padding_mask (B, S).
+
+        Returns:
+            hs (n_layers, B, Q, D) and references (n_layers, B, Q, 2 or 4): the reference each layer's
+            output refines, i.e. the input of the next layer (detached).
+        """
+        output = tgt
+        intermediate, intermediate_refs = [], []
+        for lid, layer in enumerate(self.layers):
+            # Valid-image coordinates -> each level's padded coordinates.
+            ratios = src_valid_ratios if reference_points.shape[-1] == 2 else torch.cat([src_valid_ratios] * 2, -1)
+            reference_points_input = reference_points[:, :, None] * ratios[:, None]  # (B, Q, L, 2 or 4)
+            output = layer(
+                output,
+                query_pos,
+                reference_points_input,
+                src,
+                src_spatial_shapes,
+                src_level_start_index,
+                src_padding_mask,
+            )
+            if self.bbox_embed is not None:
+                # Iterative refinement: layer d's head refines layer d-1's box in logit space. The gradient
+                # stops at the previous box (detach), as in the paper, to stabilise training.
+                delta = self.bbox_embed[lid](output)
+                if reference_points.shape[-1] == 4:
+                    new_reference_points = (delta + inverse_sigmoid(reference_points)).sigmoid()
+                else:
+                    new_reference_points = torch.cat(
+                        [delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1
+                    ).sigmoid()
+                reference_points = new_reference_points.detach()
+            intermediate.append(output)
+            intermediate_refs.append(reference_points)
+        return torch.stack(intermediate), torch.stack(intermediate_refs)
+
+
+class DeformableTransformer(nn.Module):
+    """Encoder + decoder over flattened multi-level maps, with the query and two-stage machinery.
+
+    Args:
+        d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout: the usual sizes.
+        num_feature_levels: L, the number of maps given to forward.
+        dec_n_points, enc_n_points: sampling points per head and level.
+        two_stage: take the queries from the top-scoring encoder proposals instead of learned embeddings.
+        two_stage_num_proposals: proposals kept (= number of queries).
+        msda_backend: backend of every MSDeformAttn (None: environment's choice).
+        checkpoint_encoder: activation checkpointing of the encoder layers.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        num_feature_levels: int = 4,
+        dec_n_points: int = 4,
+        enc_n_points: int = 4,
+        two_stage: bool = False,
+        two_stage_num_proposals: int = 300,
+        msda_backend: str | None = None,
+        checkpoint_encoder: bool = False,
+    ) -> None:
+        super().__init__()
+        self.d_model, self.nhead = d_model, nhead
+        self.two_stage, self.two_stage_num_proposals = two_stage, two_stage_num_proposals
+        enc_layer = DeformableTransformerEncoderLayer(
+            d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points, msda_backend
+        )
+        self.encoder = DeformableTransformerEncoder(enc_layer, num_encoder_layers, checkpoint_encoder)
+        dec_layer = DeformableTransformerDecoderLayer(
+            d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points, msda_backend
+        )
+        self.decoder = DeformableTransformerDecoder(dec_layer, num_decoder_layers)
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        if two_stage:
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+            # Proposal box (4 coords x d_model/2 sine features) -> positional + content query.
+            self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
+            self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+        else:
+            self.reference_points = nn.Linear(d_model, 2)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()
+        if not self.two_stage:
+            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+            nn.init.zeros_(self.reference_points.bias)
+        nn.init.normal_(self.level_embed)
+
+    @staticmethod
+    def get_valid_ratio(mask: torch.Tensor) -> torch.Tensor:
+        """mask (B, H, W) -> (B, 2) valid fraction (w, h) of the map."""
+        _, H, W = mask.shape
+        valid_H = (~mask[:, :, 0]).sum(1)
+        valid_W = (~mask[:, 0, :]).sum(1)
+        return torch.stack([valid_W.float() / W, valid_H.float() / H], -1)
+
+    def get_proposal_pos_embed(self, proposals: torch.Tensor) -> torch.Tensor:
+        """proposals (B, Q, 4) unnormalised logits -> (B, Q, 2 * d_model) sine embedding of the sigmoid box."""
+        num_pos_feats, temperature, scale = self.d_model // 2, 10000, 2 * math.pi
+        dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
+        dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
+        pos = proposals.sigmoid()[:, :, :, None] * scale / dim_t  # (B, Q, 4, F)
+        return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
+
+    def gen_encoder_output_proposals(
+        self, memory: torch.Tensor, memory_padding_mask: torch.Tensor, spatial_shapes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One proposal box per encoder pixel: centred on it, of side 0.05 * 2^level of the valid image.
+
+        Args:
+            memory: (B, S, D); memory_padding_mask: (B, S); spatial_shapes: (L, 2).
+
+        Returns:
+            output_memory (B, S, D): the memory through `enc_output`, zeroed first at padding and at proposals
+            too close to the border (outside (0.01, 0.99));
+            output_proposals (B, S, 4): proposal boxes as logits (inverse sigmoid), +inf where invalid.
+        """
+        B = memory.shape[0]
+        proposals, start = [], 0
+        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+            mask = memory_padding_mask[:, start : start + H * W].view(B, H, W)
+            valid_H = (~mask[:, :, 0]).sum(1)
+            valid_W = (~mask[:, 0, :]).sum(1)
+            grid_y, grid_x = torch.meshgrid(
+                torch.linspace(0, H - 1, H, dtype=torch.float32, device=memory.device),
+                torch.linspace(0, W - 1, W, dtype=torch.float32, device=memory.device),
+                indexing="ij",
+            )
+            grid = torch.stack([grid_x, grid_y], -1)  # (H, W, 2)
+            scale = torch.stack([valid_W, valid_H], 1).view(B, 1, 1, 2)
+            grid = (grid[None].expand(B, -1, -1, -1) + 0.5) / scale
+            wh = torch.full_like(grid, 0.05 * (2.0**lvl))
+            proposals.append(torch.cat((grid, wh), -1).view(B, -1, 4))
+            start += H * W
+        output_proposals = torch.cat(proposals, 1)
+        valid = ((output_proposals > 0.01) & (output_proposals < 0.99)).all(-1, keepdim=True)
+        output_proposals = torch.log(output_proposals / (1 - output_proposals))
+        invalid = memory_padding_mask[..., None] | ~valid
+        output_proposals = output_proposals.masked_fill(invalid, float("inf"))
+        output_memory = memory.masked_fill(invalid, 0.0)
+        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+        return output_memory, output_proposals
+
+    def forward(
+        self,
+        srcs: list[torch.Tensor],
+        masks: list[torch.Tensor],
+        pos_embeds: list[torch.Tensor],
+        query_embed: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """
+        Args:
+            srcs: L maps (B, D, H_l, W_l); masks: L masks (B, H_l, W_l) True at padding;
+            pos_embeds: L position encodings (B, D, H_l, W_l).
+            query_embed: (Q, 2 * D) learned positional + content queries; None in two-stage mode.
+
+        Returns:
+            hs (n_dec, B, Q, D); init_reference (B, Q, 2) or (B, Q, 4) in two-stage; inter_references
+            (n_dec, B, Q, 2 or 4); enc_outputs_class (B, S, K) and enc_outputs_coord_unact (B, S, 4) in
+            two-stage mode, else None and None.
+        """
+        if not self.two_stage and query_embed is None:
+            raise ValueError("DeformableTransformer: query_embed is required unless two_stage")
+        src_flatten, mask_flatten, lvl_pos_embed_flatten, shapes = [], [], [], []
+        for lvl, (src, mask, pos_embed) in enumerate(zip(srcs, masks, pos_embeds, strict=True)):
+            shapes.append(src.shape[-2:])
+            src_flatten.append(src.flatten(2).transpose(1, 2))  # (B, H*W, D)
+            mask_flatten.append(mask.flatten(1))
+            lvl_pos_embed_flatten.append(pos_embed.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
+        src_flatten = torch.cat(src_flatten, 1)  # (B, S, D)
+        mask_flatten = torch.cat(mask_flatten, 1)  # (B, S)
+        lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)  # (L, 2)
+        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)  # (B, L, 2)
+
+        memory = self.encoder(
+            src_flatten, spatial_shapes, level_start_index, valid_ratios, lvl_pos_embed_flatten, mask_flatten
+        )
+
+        B, S, D = memory.shape
+        enc_outputs_class = enc_outputs_coord_unact = None
+        if self.two_stage:
+            assert self.decoder.class_embed is not None and self.decoder.bbox_embed is not None
+            output_memory, output_proposals = self.gen_encoder_output_proposals(memory, mask_flatten, spatial_shapes)
+            # The extra (last) heads score every pixel's proposal: first stage of the two-stage variant.
+            enc_outputs_class = self.decoder.class_embed[self.decoder.num_layers](output_memory)  # (B, S, K)
+            enc_outputs_coord_unact = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + output_proposals
+            k = self.two_stage_num_proposals
+            if k > S:
+                raise ValueError(
+                    f"two-stage keeps {k} proposals but the feature maps have only {S} positions; "
+                    "use larger images or fewer model.num_queries"
+                )
+            # Rank padded and border (invalid) proposals last. The official code ranks them by the constant score
+            # of their zeroed memory, so padding could change which proposals an image gets; trained models
+            # score them low, so released checkpoints give the same detections.
+            scores = enc_outputs_class[..., 0].masked_fill(torch.isinf(output_proposals).any(-1), float("-inf"))
+            topk_proposals = torch.topk(scores, k, dim=1)[1]  # (B, Q)
+            topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1, topk_proposals[..., None].expand(-1, -1, 4))
+            topk_coords_unact = topk_coords_unact.detach()  # proposals are inputs of the second stage, not outputs
+            reference_points = topk_coords_unact.sigmoid()  # (B, Q, 4)
+            pos_trans_out = self.pos_trans_norm(self.pos_trans(self.get_proposal_pos_embed(topk_coords_unact)))
+            query_pos, tgt = torch.split(pos_trans_out, D, dim=2)
+        else:
+            query_pos, tgt = torch.split(query_embed, D, dim=1)
+            query_pos = query_pos[None].expand(B, -1, -1)  # (B, Q, D)
+            tgt = tgt[None].expand(B, -1, -1)
+            reference_points = self.reference_points(query_pos).sigmoid()  # (B, Q, 2)
+        init_reference = reference_points
+
+        hs, inter_references = self.decoder(
+            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_pos, mask_flatten
+        )
+        return hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact
+
+
+def build_deformable_transformer(
+    d_model: int,
+    nheads: int,
+    enc_layers: int,
+    dec_layers: int,
+    dim_feedforward: int,
+    dropout: float,
+    num_feature_levels: int,
+    dec_n_points: int,
+    enc_n_points: int,
+    two_stage: bool,
+    num_queries: int,
+    msda_backend: str | None = None,
+    checkpoint_encoder: bool = False,
+) -> DeformableTransformer:
+    return DeformableTransformer(
+        d_model=d_model,
+        nhead=nheads,
+        num_encoder_layers=enc_layers,
+        num_decoder_layers=dec_layers,
+        dim_feedforward=dim_feedforward,
+        dropout=dropout,
+        num_feature_levels=num_feature_levels,
+        dec_n_points=dec_n_points,
+        enc_n_points=enc_n_points,
+        two_stage=two_stage,
+        two_stage_num_proposals=num_queries,
+        msda_backend=msda_backend,
+        checkpoint_encoder=checkpoint_encoder,
+    )

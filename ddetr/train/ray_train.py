@@ -1,0 +1,146 @@
+"""The Ray Train adapter: `fit` as the `train_loop_per_worker` of a `TorchTrainer`. The only module that touches
+Ray Train.
+
+The touchpoints: `ray.train.get_context` (rank, world size), `ray.train.torch.prepare_model` (DDP: NCCL on GPUs,
+gloo on CPUs), `ray.train.get_checkpoint` (resume after a failure), `ray.train.report` (metrics + checkpoint).
+
+Data: each worker streams its own share of every epoch through Ray Data (`build_ray_dataset` with the worker's
+rank). The epoch order is a pure function of (seed, epoch), so every epoch is reshuffled, and a run resumed from
+a mid-epoch checkpoint skips exactly the images trained before it, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from torch import nn
+
+from ddetr.config import Config
+from ddetr.data.coco_eval import CocoEvaluator
+from ddetr.data.pipeline import DetrCollateFn, build_ray_dataset
+from ddetr.train.local import run_dir, transform_config
+from ddetr.train.logbook import Logbook
+from ddetr.train.loop import fit
+
+log = logging.getLogger(__name__)
+
+
+class RayRuntime:
+    """`fit`'s runtime inside a Ray Train worker."""
+
+    def __init__(self, cfg: Config, resume: str | None) -> None:
+        ctx = ray.train.get_context()
+        self.cfg = cfg
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.resume = resume
+        self.transforms = transform_config(cfg)
+        local = "://" not in cfg.train.storage_path
+        # Step metrics go to the run folder when storage is local; with object storage, to the node's disk.
+        directory = run_dir(cfg) if local else Path(tempfile.gettempdir()) / "ddetr-runs" / cfg.train.name
+        self.logbook = Logbook(directory, enabled=self.rank == 0)
+        self._evaluator = CocoEvaluator.from_shards(cfg.data.val) if cfg.data.val else None
+        self._restored: tempfile.TemporaryDirectory | None = None
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world_size == 1:
+            return model
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def _batches(self, split: str, train: bool, epoch: int, skip: int) -> Iterable[dict]:
+        ds = build_ray_dataset(
+            split, self.transforms, train=train, seed=self.cfg.train.seed, epoch=epoch, skip=skip,
+            rank=self.rank, world_size=self.world_size, num_cpus=self.cfg.data.map_cpus,
+        )
+        return ds.iter_torch_batches(
+            batch_size=self.cfg.train.batch_size, collate_fn=DetrCollateFn(), drop_last=train
+        )
+
+    def train_batches(self, epoch: int, skip_images: int) -> Iterable[dict]:
+        return self._batches(self.cfg.data.train, True, epoch, skip_images)
+
+    def val_batches(self) -> Iterable[dict] | None:
+        return self._batches(self.cfg.data.val, False, 0, 0) if self.cfg.data.val else None
+
+    def evaluate(self, predictions: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
+        return self._evaluator.evaluate(predictions)
+
+    def log_step(self, step: int, metrics: dict[str, Any]) -> None:
+        self.logbook.write("step", step, metrics)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        if not metrics.get("mid_epoch"):
+            self.logbook.write("epoch", int(metrics.get("step", 0)), metrics)
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def latest_checkpoint(self) -> Path | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return Path(self.resume) if self.resume else None
+        self._restored = tempfile.TemporaryDirectory(prefix="ddetr-restore-")
+        return Path(checkpoint.to_directory(self._restored.name))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker: `config` is `Config.to_dict()` plus an optional "resume" path."""
+    config = dict(config)
+    resume = config.pop("resume", None)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = Config.from_dict(config)
+    runtime = RayRuntime(cfg, resume)
+    try:
+        fit(cfg, runtime)
+    finally:
+        runtime.logbook.close()
+
+
+def build_trainer(cfg: Config, resume: str | None = None) -> ray.train.torch.TorchTrainer:
+    """A `TorchTrainer` for `cfg`: workers, checkpoint retention, failure recovery and the run's storage.
+
+    Running it again with the same `train.storage_path` and `train.name` continues the run from its latest
+    checkpoint (Ray Train restores by name); `resume` starts a new run from a checkpoint folder instead.
+    """
+    t = cfg.train
+    workers: int | tuple[int, int] = (t.min_workers, t.num_workers) if t.min_workers > 0 else t.num_workers
+    storage = t.storage_path if "://" in t.storage_path else str(Path(t.storage_path).expanduser().resolve())
+    config = cfg.to_dict()
+    if resume:
+        config["resume"] = str(Path(resume).resolve())
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=t.name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val/AP", checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+    )
+
+
+def init_local_ray(num_cpus: int | None = None) -> None:
+    """Start a quiet local Ray when none is running (the demo and tests); a cluster's address is used if set."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
