@@ -31,9 +31,17 @@ def split_dirs(data: str) -> tuple[str, str]:
     return (str(train) if train.exists() else "", str(val) if val.exists() else "")
 
 
-def build_config(preset: str, data: str | None, overrides: list[str]) -> Config:
-    """A preset, its data folders, the number of classes of the data, then the user's overrides (which win)."""
-    cfg = get_preset(preset)
+def load_config_file(path: str) -> Config:
+    """A config saved as JSON (`Config.to_json()`, e.g. a sweep's best configuration)."""
+    try:
+        return Config.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: cannot read config file {path}: {e}") from e
+
+
+def build_config(preset: str, data: str | None, overrides: list[str], config_file: str | None = None) -> Config:
+    """A preset (or a config file), its data folders and their number of classes, then the user's overrides."""
+    cfg = load_config_file(config_file) if config_file else get_preset(preset)
     defaults = []
     if data:
         train, val = split_dirs(data)
@@ -49,7 +57,7 @@ def build_config(preset: str, data: str | None, overrides: list[str]) -> Config:
 def cmd_train(args: argparse.Namespace) -> int:
     from ddetr.train import train
 
-    cfg = build_config(args.preset, args.data, args.overrides)
+    cfg = build_config(args.preset, args.data, args.overrides, args.config)
     metrics = train(cfg, engine=args.engine, resume=args.resume)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2, sort_keys=True))
     return 0
@@ -95,7 +103,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ddetr.demo import run_demo
 
-    run_demo(Path(args.out), minutes=args.minutes, overrides=args.overrides)
+    run_demo(Path(args.out), epochs=args.epochs, overrides=args.overrides)
     return 0
 
 
@@ -132,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model")
     p.add_argument("--preset", default="deformable_detr", choices=sorted(PRESETS))
+    p.add_argument("--config", help="a JSON config file (Config.to_json()); replaces --preset")
     p.add_argument("--data", help="folder with train/ and val/ shards (or DIR/shards/...)")
     p.add_argument("--engine", default="ray", choices=["ray", "local"], help="Ray Train, or this process alone")
     p.add_argument("--resume", help="checkpoint folder to start from")
@@ -155,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: synthetic COCO, Ray training, results folder")
     p.add_argument("--out", default="results/demo")
-    p.add_argument("--minutes", type=float, default=12.0, help="training time budget")
+    p.add_argument("--epochs", type=int, default=4, help="training epochs of 800 images")
     p.add_argument("overrides", **overrides)
     p.set_defaults(func=cmd_demo)
 

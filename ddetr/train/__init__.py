@@ -36,12 +36,17 @@ def train(cfg: Config, engine: str = "ray", resume: str | None = None) -> dict[s
         finally:
             runtime.close()
     if engine == "ray":
-        from ddetr.train.ray_train import build_trainer, init_local_ray
+        from ddetr.train.engine import NonFiniteLossError
+        from ddetr.train.ray_train import NONFINITE_KEY, build_trainer, init_local_ray
 
         init_local_ray()
         result = build_trainer(cfg, resume=resume).fit()
         if result.error is not None:
             raise result.error
+        if NONFINITE_KEY in (result.metrics or {}):
+            raise NonFiniteLossError(
+                f"{result.metrics[NONFINITE_KEY]}; the run stopped, its last good checkpoint is {result.checkpoint}"
+            )
         log.info("run stored at %s", result.path)
         return dict(result.metrics or {})
     raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")

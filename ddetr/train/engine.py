@@ -74,6 +74,8 @@ def train_one_epoch(
     criterion.train()
     sums: dict[str, float] = {}
     count = 0
+    if max_steps is not None and state.batches_done >= max_steps:
+        return {}  # resumed from the checkpoint of this epoch's last step: nothing left to train
     tick = time.perf_counter()
     for group in _chunks(batches, accum_steps):
         data_wait = time.perf_counter() - tick
@@ -90,12 +92,14 @@ def train_one_epoch(
                 loss = criterion.total_loss(losses)
                 loss.backward()
             for k, v in losses.items():
-                logged[k] = logged.get(k, 0.0) + float(v)
-            logged["loss"] = logged.get("loss", 0.0) + float(loss)
+                logged[k] = logged.get(k, 0.0) + v.detach().item()
+            logged["loss"] = logged.get("loss", 0.0) + loss.detach().item()
         if not math.isfinite(_world_mean(logged["loss"], device)):
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
-                f"non-finite loss at epoch {state.epoch} step {state.step}: "
+                f"non-finite loss at epoch {state.epoch}, optimizer step {state.step + 1} (step "
+                f"{state.batches_done + 1} of the epoch), which was not taken; check the data, or resume from the "
+                "last checkpoint with a lower train.lr or train.clip_max_norm. Loss terms: "
                 + ", ".join(f"{k}={v:.4g}" for k, v in sorted(logged.items()))
             )
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) if max_norm > 0 else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +26,7 @@ from ddetr.train.state import STATE_FILE, checkpoint_score
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint_"
+_CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}\d{{8}}")  # not "<name>.tmp", a copy cut short
 
 
 def run_dir(cfg: Config) -> Path:
@@ -38,7 +40,10 @@ def transform_config(cfg: Config) -> TransformConfig:
 
 def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints of a run folder, oldest first (a checkpoint is complete once its state file exists)."""
-    found = [p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).exists()]
+    found = [
+        p for p in directory.glob(f"{CHECKPOINT_PREFIX}*")
+        if _CHECKPOINT_NAME.fullmatch(p.name) and (p / STATE_FILE).exists()
+    ]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -85,7 +90,8 @@ class LocalRuntime:
         self.logbook.write("step", step, metrics)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        self.logbook.write("step" if metrics.get("mid_epoch") else "epoch", int(metrics.get("step", 0)), metrics)
+        if not metrics.get("mid_epoch"):  # a mid-epoch checkpoint's metrics are its step's, logged already
+            self.logbook.write("epoch", int(metrics.get("step", 0)), metrics)
         if checkpoint_dir is None:
             return
         final = self.dir / f"{CHECKPOINT_PREFIX}{int(metrics.get('step', 0)):08d}"
@@ -110,6 +116,9 @@ class LocalRuntime:
             return Path(self.resume)
         checkpoints = list_checkpoints(self.dir)
         return checkpoints[-1] if checkpoints else None
+
+    def local_run_dir(self) -> Path | None:
+        return self.dir
 
     def close(self) -> None:
         self.logbook.close()

@@ -18,8 +18,9 @@ METRICS_FILE = "metrics.jsonl"
 class Logbook:
     """Append-only metrics of one run, written by rank 0 only.
 
-    Every record is one JSON line {"kind": "step" | "epoch", "time": ..., **metrics}; the same scalars go to
-    TensorBoard (tensorboardX, which Ray brings) under the run folder, so `tensorboard --logdir RUN` shows them.
+    Every record is one JSON line {"kind": "step" | "epoch", "time": seconds since the logbook opened,
+    "unix_time", "step", **metrics}; the same scalars go to TensorBoard (tensorboardX, which Ray brings) under the
+    run folder, so `tensorboard --logdir RUN` shows them.
     """
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool = True) -> None:
@@ -39,7 +40,8 @@ class Logbook:
     def write(self, kind: str, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"kind": kind, "time": round(time.time() - self._t0, 3), "step": step}
+        now = time.time()
+        record = {"kind": kind, "time": round(now - self._t0, 3), "unix_time": round(now, 3), "step": step}
         record.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")

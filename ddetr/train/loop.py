@@ -22,6 +22,7 @@ from ddetr.config import Config
 from ddetr.models import build_model
 from ddetr.train.engine import NonFiniteLossError, predict_batches, train_one_epoch
 from ddetr.train.optim import build_optimizer, build_scheduler
+from ddetr.train.probes import StepProbe
 from ddetr.train.state import TrainState, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ class Runtime(Protocol):
 
     def latest_checkpoint(self) -> Path | None:
         """The checkpoint to resume from after a restart, or None for a fresh run."""
+
+    def local_run_dir(self) -> Path | None:
+        """The run folder when it is on this machine's file system (test probes write there), else None."""
 
 
 def seed_everything(seed: int) -> None:
@@ -108,6 +112,8 @@ def fit(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     images_per_step = cfg.train.batch_size * runtime.world_size * accum
     dtype = amp_dtype(cfg.train.amp, device)
     metrics: dict[str, Any] = dict(state.metrics)
+    max_steps = cfg.train.max_steps_per_epoch or None
+    probe = StepProbe(runtime.rank, runtime.local_run_dir(), state.step)
 
     def checkpoint(metrics: dict[str, Any]) -> None:
         # Checkpoints are ranked by val/AP: one taken before any evaluation carries the last known value.
@@ -127,14 +133,18 @@ def fit(cfg: Config, runtime: Runtime) -> dict[str, Any]:
             if state.step % cfg.train.log_every == 0:
                 log.info("epoch %d step %d (%d in epoch): %s", state.epoch, state.step, state.batches_done,
                          _summary(step_metrics))
+        if probe.enabled:
+            probe.after_step(state.epoch, state.step)
         every = cfg.train.checkpoint_every_steps
-        if every > 0 and state.batches_done % every == 0:
+        # The last step of a cut-short epoch is followed by the epoch's own checkpoint: no mid-epoch one.
+        if every > 0 and state.batches_done % every == 0 and state.batches_done != max_steps:
             checkpoint({**step_metrics, "epoch": state.epoch, "step": state.step, "mid_epoch": True})
 
     while state.epoch < cfg.train.epochs:
         epoch = state.epoch
         batches = runtime.train_batches(epoch, skip_images=state.batches_done * images_per_step)
-        max_steps = cfg.train.max_steps_per_epoch or None
+        if probe.enabled:
+            batches = probe.watch(batches)
         try:
             epoch_metrics = train_one_epoch(
                 trained, criterion, batches, optimizer, state, device=device, accum_steps=accum,

@@ -12,6 +12,7 @@ a mid-epoch checkpoint skips exactly the images trained before it, whatever the 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterable
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -28,9 +30,19 @@ from torch import nn
 from ddetr.config import Config
 from ddetr.data.coco_eval import CocoEvaluator
 from ddetr.data.pipeline import DetrCollateFn, build_ray_dataset
+from ddetr.train.engine import NonFiniteLossError
 from ddetr.train.local import run_dir, transform_config
 from ddetr.train.logbook import Logbook
 from ddetr.train.loop import fit
+from ddetr.train.probes import PROBE_VARS
+
+# Metric reported instead of raising when the loss stops being finite: Ray Train would retry a worker error,
+# and a retry resumes from the last checkpoint only to meet the same loss again. `train` turns it back into
+# a NonFiniteLossError on the driver.
+NONFINITE_KEY = "nonfinite_loss"
+# Worker-group start-ups that may fail (e.g. waiting for nodes) before the run gives up; Ray's default retries
+# forever, which turns an unschedulable group into a silent hang.
+CONTROLLER_FAILURE_LIMIT = 10
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +52,8 @@ class RayRuntime:
 
     def __init__(self, cfg: Config, resume: str | None) -> None:
         ctx = ray.train.get_context()
+        # A progress bar per epoch's dataset would interleave blank lines with the training log.
+        ray.data.DataContext.get_current().enable_progress_bars = False
         self.cfg = cfg
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -51,6 +65,7 @@ class RayRuntime:
         self.logbook = Logbook(directory, enabled=self.rank == 0)
         self._evaluator = CocoEvaluator.from_shards(cfg.data.val) if cfg.data.val else None
         self._restored: tempfile.TemporaryDirectory | None = None
+        self._local_dir = run_dir(cfg) if local else None
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.world_size == 1:
@@ -91,25 +106,55 @@ class RayRuntime:
         self._restored = tempfile.TemporaryDirectory(prefix="ddetr-restore-")
         return Path(checkpoint.to_directory(self._restored.name))
 
+    def local_run_dir(self) -> Path | None:
+        return self._local_dir
+
+
+def set_torch_threads(cpus_per_worker: float) -> None:
+    """One intra-op thread per CPU the worker holds (at least one).
+
+    Ray sets OMP_NUM_THREADS the same way when it starts a worker, but only if the variable is unset, and torch
+    reads it once, at import: set the thread count explicitly, so that N workers on N * cpus_per_worker cores
+    never run more threads than cores (oversubscribed threads spin in every barrier of every op).
+    """
+    torch.set_num_threads(max(1, math.floor(cpus_per_worker)))
+
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker: `config` is `Config.to_dict()` plus an optional "resume" path."""
     config = dict(config)
     resume = config.pop("resume", None)
+    os.environ.update(config.pop("probes", {}))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = Config.from_dict(config)
+    if cfg.train.num_workers > 0:  # with none, this runs in the driver: leave its threads alone
+        set_torch_threads(cfg.train.cpus_per_worker)
     runtime = RayRuntime(cfg, resume)
     try:
         fit(cfg, runtime)
+    except NonFiniteLossError as err:
+        # Every rank raises at the same step (the loss is averaged over workers first), so all of them report.
+        ray.train.report({NONFINITE_KEY: str(err)})
     finally:
         runtime.logbook.close()
 
 
-def build_trainer(cfg: Config, resume: str | None = None) -> ray.train.torch.TorchTrainer:
+def build_trainer(
+    cfg: Config,
+    resume: str | None = None,
+    callbacks: list | None = None,
+    controller_failure_limit: int = CONTROLLER_FAILURE_LIMIT,
+) -> ray.train.torch.TorchTrainer:
     """A `TorchTrainer` for `cfg`: workers, checkpoint retention, failure recovery and the run's storage.
 
     Running it again with the same `train.storage_path` and `train.name` continues the run from its latest
     checkpoint (Ray Train restores by name); `resume` starts a new run from a checkpoint folder instead.
+    `callbacks` go to the `RunConfig` (e.g. Tune's `TuneReportCallback` when the run is a Tune trial).
+
+    A worker that dies or raises costs one of `train.max_failures`; the run then restarts every worker from the
+    latest checkpoint Ray registered (a worker killed right after reporting one may leave it unregistered, and
+    the run resumes from the one before). `controller_failure_limit` bounds failed worker-group start-ups.
+    Test probes (`probes.py`) set in this process's environment are passed on to the workers.
     """
     t = cfg.train
     workers: int | tuple[int, int] = (t.min_workers, t.num_workers) if t.min_workers > 0 else t.num_workers
@@ -117,6 +162,9 @@ def build_trainer(cfg: Config, resume: str | None = None) -> ray.train.torch.Tor
     config = cfg.to_dict()
     if resume:
         config["resume"] = str(Path(resume).resolve())
+    probes = {k: os.environ[k] for k in PROBE_VARS if os.environ.get(k)}
+    if probes:
+        config["probes"] = probes
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -129,7 +177,10 @@ def build_trainer(cfg: Config, resume: str | None = None) -> ray.train.torch.Tor
             checkpoint_config=CheckpointConfig(
                 num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val/AP", checkpoint_score_order="max"
             ),
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            failure_config=FailureConfig(
+                max_failures=t.max_failures, controller_failure_limit=controller_failure_limit
+            ),
+            callbacks=callbacks,
         ),
     )
 
@@ -143,4 +194,7 @@ def init_local_ray(num_cpus: int | None = None) -> None:
         ray.init()
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    # The dashboard serves the State API that Ray Train's placement-group cleaner polls: without it the cleaner
+    # takes a live run for dead, removes its placement group and so kills the workers.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+             configure_logging=False)

@@ -1,0 +1,249 @@
+"""tune/: search-space files offline; then a real sweep of the tiny model on tiny synthetic data (Ray, dashboard on).
+
+One sweep, shared by the Ray tests, runs `python tune/sweep.py` in a subprocess joined to the suite's Ray
+(`ray_local`, dashboard on) through RAY_ADDRESS: that is the command users run, it can be killed to interrupt the
+sweep, and it passes the cluster's address to Ray Train's placement-group cleaner, which cannot pick a cluster on a
+machine running several."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from ddetr.config import Config, apply_overrides, get_preset
+from tune.space import load_space, param_space, to_overrides, trial_config
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP_TIMEOUT_S = 420  # a 4-trial sweep takes ~1-2 min on an idle 2-core machine; a hang is otherwise silent
+EPOCHS = 2
+TINY = [
+    "data.scale=0.2",
+    "train.num_workers=1",
+    "train.cpus_per_worker=0.5",
+    f"train.epochs={EPOCHS}",
+    "train.max_steps_per_epoch=2",
+    "data.map_cpus=0.5",
+]
+
+
+@contextmanager
+def hard_timeout(seconds: int) -> Iterator[None]:
+    def fail(signum: int, frame: object) -> None:
+        raise TimeoutError(f"test exceeded its hard limit of {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ---- offline ---------------------------------------------------------------------------------------------------
+
+
+def test_default_space_loads_and_maps_refinement(tmp_path: Path) -> None:
+    space = load_space(REPO / "tune" / "spaces" / "default.yaml")
+    assert {"loss.cls_loss_coef", "loss.focal_alpha", "model.num_queries", "refinement"} <= set(space)
+    params = param_space(get_preset("tiny"), space)
+    assert params["model"]["d_model"] == 64 and "refinement" in params
+    sampled = get_preset("tiny").to_dict()
+    expected = {"none": (False, False), "box_refine": (True, False), "two_stage": (True, True)}
+    for name, flags in expected.items():
+        cfg = trial_config({**sampled, "refinement": name})
+        assert (cfg.model.with_box_refine, cfg.model.two_stage) == flags
+    direct = {**sampled, "model": {**sampled["model"], "two_stage": True, "with_box_refine": False}}
+    assert trial_config(direct).model.with_box_refine  # two-stage always refines boxes
+
+
+def test_space_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss.focal_gamma: {uniform: [1, 3]}\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: key 'loss.focal_gamma' is not a config field"):
+        load_space(bad)
+    bad.write_text("loss.focal_alpha: {normal: [0.2, 0.1]}\n")
+    with pytest.raises(ValueError, match="focal_alpha"):
+        load_space(bad)
+    bad.write_text("refinement: {choice: [none, cascade]}\n")
+    with pytest.raises(ValueError, match="refinement takes"):
+        load_space(bad)
+
+
+def test_overrides_round_trip() -> None:
+    base = get_preset("tiny")
+    cfg = apply_overrides(base, ["loss.focal_alpha=0.3", "model.two_stage=true", "model.with_box_refine=true"])
+    assert apply_overrides(base, to_overrides(cfg, base)) == cfg
+
+
+def test_concurrency_leaves_room_for_data_tasks() -> None:
+    from tune.sweep import concurrency
+
+    cfg = apply_overrides(get_preset("tiny"), ["train.num_workers=1", "train.cpus_per_worker=0.5"])
+    assert concurrency(cfg, 2.0) == 2  # 2 x 0.51 + 0.5 for decoding <= 2
+    assert concurrency(cfg, 2.0, requested=4) == 2
+    assert concurrency(cfg, 2.0, requested=1) == 1
+    with pytest.raises(ValueError, match="cpus_per_worker"):
+        concurrency(apply_overrides(cfg, ["train.cpus_per_worker=2"]), 2.0)
+
+
+# ---- sweeps on Ray ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ddetr.data.synthetic import make_synthetic_coco
+
+    root = tmp_path_factory.mktemp("tune_data")
+    make_synthetic_coco(str(root), 16, 8, seed=0, image_size=(64, 96))
+    return root
+
+
+def sweep_command(data: Path, storage: Path, name: str, samples: int, max_concurrent: int) -> list[str]:
+    return [
+        sys.executable, str(REPO / "tune" / "sweep.py"), "--preset", "tiny", "--data", str(data),
+        "--space", str(REPO / "tune" / "spaces" / "default.yaml"), "--samples", str(samples),
+        "--max-concurrent", str(max_concurrent), "--name", name, "--storage", str(storage), *TINY,
+    ]  # fmt: skip
+
+
+def sweep_env(ray_local) -> dict[str, str]:
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, RAY_AUTH_MODE="disabled")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def read_rows(sweep_dir: Path) -> list[dict[str, str]]:
+    with open(sweep_dir / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_local, synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+    """A 4-trial ASHA sweep, 2 trials at a time, killed (SIGKILL of its driver) once a trial has finished, then
+    continued by running the same command again. Returns the sweep folder and {trial id: reports} of the trials
+    finished before the kill."""
+    with hard_timeout(2 * SWEEP_TIMEOUT_S + 60):
+        storage = tmp_path_factory.mktemp("tune_runs")
+        cmd = sweep_command(synth_data, storage, "asha", samples=4, max_concurrent=2)
+        env = dict(sweep_env(ray_local), TUNE_GLOBAL_CHECKPOINT_S="1")  # save Tune's state every second
+        folder = storage / "asha"
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + SWEEP_TIMEOUT_S
+            finished: dict[str, int] = {}
+            while not finished and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(1)
+                finished = _terminated_trials(folder)
+            assert finished, "no trial finished before the deadline"
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and its children, mid-sweep
+            proc.wait()
+        assert not (folder / "results.csv").exists(), "the sweep ended before it could be interrupted"
+
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return folder, finished
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_writes_a_sorted_table_and_a_plot(sweep: tuple[Path, dict[str, int]]) -> None:
+    folder, _ = sweep
+    rows = read_rows(folder)
+    assert len(rows) == 4 and all(r["status"] in ("finished", "stopped") for r in rows)
+    aps = [float(r["AP"]) for r in rows]
+    assert aps == sorted(aps, reverse=True)
+    assert all(1 <= int(r["epochs"]) <= EPOCHS for r in rows)
+    assert {r["refinement"] for r in rows} <= {"none", "box_refine", "two_stage"}
+    assert (folder / "results.md").read_text().startswith("| trial | AP |")
+    assert (folder / "ap_vs_params.png").stat().st_size > 1000
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_asha_stops_only_trials_behind_at_the_first_rung(sweep: tuple[Path, dict[str, int]]) -> None:
+    # ASHA (grace 1, factor 2) stops a trial at epoch 1 when its AP is below the median of the APs recorded at
+    # that rung before it: never the best one, and none when all tie (an untrained model's AP is often 0).
+    folder, _ = sweep
+    rows = read_rows(folder)
+    epoch1 = {r["trial"]: _epoch_ap(folder, r["trial"], 1) for r in rows}
+    stopped = [r for r in rows if r["status"] == "stopped"]
+    assert all(int(r["epochs"]) < EPOCHS and epoch1[r["trial"]] < max(epoch1.values()) for r in stopped)
+    if len(set(epoch1.values())) == 1:
+        assert not stopped
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_continued_sweep_did_not_rerun_finished_trials(sweep: tuple[Path, dict[str, int]]) -> None:
+    folder, finished = sweep
+    assert {r["trial"] for r in read_rows(folder)} >= set(finished)
+    for trial, reports in finished.items():
+        assert _reports(folder, trial) == reports, f"trial {trial} finished before the interruption but ran again"
+        assert len(list((folder / "runs" / trial).glob("checkpoint_*"))) >= 1  # its Train run, named by trial id
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_best_config_file_trains(sweep: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+    folder, _ = sweep
+    best_row = read_rows(folder)[0]
+    best = Config.from_dict(json.loads((folder / "best_config.json").read_text()))
+    assert best.train.name == "asha_best" and best.model.num_classes == 5
+    assert best.model.num_queries == int(best_row["model.num_queries"])
+    assert math.isclose(best.loss.focal_alpha, float(best_row["loss.focal_alpha"]), rel_tol=1e-3)
+    assert best.model.two_stage == (best_row["refinement"] == "two_stage")
+    from ddetr.train import train
+
+    with hard_timeout(180):
+        local = apply_overrides(
+            best, ["train.epochs=1", "train.max_steps_per_epoch=1", f"train.storage_path={tmp_path}",
+                   "data.val=", "data.loader_workers=0"]
+        )  # fmt: skip
+        metrics = train(local, engine="local")
+    assert metrics["step"] == 1 and math.isfinite(metrics["train/loss"])
+
+
+def _trial_dir(sweep: Path, trial: str) -> Path:
+    (found,) = [p for p in sweep.iterdir() if p.is_dir() and trial in p.name]
+    return found
+
+
+def _reports(sweep: Path, trial: str) -> int:
+    return len((_trial_dir(sweep, trial) / "result.json").read_text().splitlines())
+
+
+def _epoch_ap(sweep: Path, trial: str, epoch: int) -> float:
+    for line in (_trial_dir(sweep, trial) / "result.json").read_text().splitlines():
+        result = json.loads(line)
+        if result.get("epoch") == epoch:
+            return result["val/AP"]
+    raise AssertionError(f"trial {trial} reported no epoch {epoch}")
+
+
+def _terminated_trials(sweep: Path) -> dict[str, int]:
+    """trial id -> reports, for the trials Tune's saved experiment state records as finished."""
+    out = {}
+    for state in sweep.glob("experiment_state-*.json"):
+        try:
+            trials = json.loads(state.read_text())["trial_data"]
+        except (ValueError, KeyError, OSError):
+            continue
+        for trial_json, _ in trials:
+            trial = json.loads(trial_json)
+            if trial.get("status") == "TERMINATED":
+                out[trial["trial_id"]] = _reports(sweep, trial["trial_id"])
+    return out

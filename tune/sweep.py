@@ -1,0 +1,246 @@
+"""A Ray Tune sweep over Deformable DETR settings, each trial a Ray Train run, stopped early by ASHA on val AP.
+
+    python tune/sweep.py --preset tiny --data data/synth --space tune/spaces/default.yaml --samples 8 \\
+        --max-concurrent 2 --name tiny_default --storage runs/tune data.scale=0.2 train.epochs=3 ...
+
+Each trial is a driver function (`run_trial`) that builds and fits a `TorchTrainer` whose `TuneReportCallback`
+forwards every epoch's metrics to Tune; `Tuner(trainer)` does not exist in Ray Train V2. The driver asks for 0.01
+CPU, its Train workers for `train.cpus_per_worker` each, the Ray Data decode tasks for `data.map_cpus`: the number
+of concurrent trials is capped so that one decode task always fits beside the running trials (otherwise, on a small
+machine, every trial holds a worker that waits for data no task can decode).
+
+The sweep lives in `<storage>/<name>/` (Tune's experiment folder) and each trial's Train run in
+`<storage>/<name>/runs/<trial id>` (Ray Train continues a run by name, so a restarted trial resumes its run).
+Running the same command again continues an interrupted sweep without redoing finished trials. At the end the
+folder also holds results.csv / results.md (sorted by AP), ap_vs_params.png and best_config.json, which
+`ddetr train --config best_config.json` trains.
+
+Tune over Train needs Ray's dashboard (its State API): without it, trials stopped by ASHA leak their placement
+groups and the sweep hangs. A local Ray is started with it; a cluster without it is refused at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python tune/sweep.py`: make `tune.*` importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
+
+from ddetr.config import Config, apply_overrides
+from ddetr.train.ray_train import NONFINITE_KEY, build_trainer
+from tune.report import METRIC, plot_ap, trial_rows, write_best_config, write_table
+from tune.space import load_space, param_space, trial_config
+
+log = logging.getLogger("tune.sweep")
+
+DRIVER_CPUS = 0.01  # a trial's driver only waits on its Train controller; Ray refuses 0
+RUNS_DIR = "runs"  # under the sweep folder: one Train run per trial, named by trial id
+
+
+@dataclass
+class SweepSettings:
+    """Everything about a sweep that is not the model config: where, how many, how stopped."""
+
+    name: str
+    storage: str  # absolute folder or URI holding the sweep folder
+    samples: int = 4
+    max_concurrent: int = 0  # 0: as many as fit the cluster
+    grace_period: int = 1  # epochs before ASHA may stop a trial
+    reduction_factor: int = 2
+    seed: int = 0
+
+    @property
+    def path(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+
+class EpochReportCallback(TuneReportCallback):
+    """Forward the Train run's reports that carry val/AP to Tune; drop the others.
+
+    The one report without it is the non-finite-loss notice: Tune would end the whole sweep on a result missing its
+    metric, so `run_trial` turns it into this trial's error instead.
+    """
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if METRIC in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune trainable: fit one Ray Train run for the trial's config, named by the trial id."""
+    cfg = trial_config(config)
+    cfg.train.name = tune.get_context().get_trial_id()
+    result = build_trainer(cfg, callbacks=[EpochReportCallback()]).fit()
+    if (result.metrics or {}).get(NONFINITE_KEY):
+        raise FloatingPointError(f"trial {cfg.train.name}: {result.metrics[NONFINITE_KEY]}")
+
+
+def concurrency(cfg: Config, cluster_cpus: float, requested: int = 0) -> int:
+    """Trials that can run at once with one decode task's CPUs (`data.map_cpus`) always left free.
+
+    Raises:
+        ValueError: not even one trial fits; the message gives the CPU budget.
+    """
+    per_trial = DRIVER_CPUS + cfg.train.num_workers * cfg.train.cpus_per_worker
+    fit = math.floor((cluster_cpus - cfg.data.map_cpus) / per_trial + 1e-9)
+    if fit < 1:
+        raise ValueError(
+            f"one trial needs {per_trial:g} CPUs (driver {DRIVER_CPUS} + train.num_workers {cfg.train.num_workers} x "
+            f"train.cpus_per_worker {cfg.train.cpus_per_worker:g}) plus data.map_cpus {cfg.data.map_cpus:g} for its "
+            f"data, but the cluster has {cluster_cpus:g}: lower train.cpus_per_worker or data.map_cpus"
+        )
+    if requested > fit:
+        log.warning("%d trials at once would starve data tasks on %g CPUs; running %d", requested, cluster_cpus, fit)
+    return min(requested, fit) if requested > 0 else fit
+
+
+def build_tuner(base: Config, space: dict[str, dict[str, list]], settings: SweepSettings) -> tune.Tuner:
+    """A new Tuner, or the interrupted one of `settings.path` restored (finished trials are kept as they are)."""
+    trainable = tune.with_resources(run_trial, {"CPU": DRIVER_CPUS})
+    if tune.Tuner.can_restore(settings.path):
+        log.info("continuing the sweep in %s", settings.path)
+        return tune.Tuner.restore(settings.path, trainable=trainable, resume_errored=True)
+    max_concurrent = concurrency(base, ray.cluster_resources().get("CPU", 0), settings.max_concurrent)
+    scheduler = ASHAScheduler(
+        time_attr="epoch",  # the Train run's own epoch: right even when a restarted trial resumes its run
+        max_t=base.train.epochs,
+        grace_period=settings.grace_period,
+        reduction_factor=settings.reduction_factor,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(base, space),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            scheduler=scheduler,
+            # The concurrency cap goes to the generator: Tune ignores max_concurrent_trials beside a given one.
+            search_alg=BasicVariantGenerator(random_state=settings.seed, max_concurrent=max_concurrent),
+            num_samples=settings.samples,
+        ),
+        run_config=tune.RunConfig(name=settings.name, storage_path=settings.storage, verbose=1),
+    )
+
+
+def run_sweep(base: Config, space: dict[str, dict[str, list]], settings: SweepSettings) -> list[dict[str, Any]]:
+    """Run (or continue) the sweep and write its results table, plot and best config; returns the table rows."""
+    base = apply_overrides(base, [f"train.storage_path={settings.path}/{RUNS_DIR}"])
+    if base.train.eval_every != 1:
+        raise ValueError(
+            f"train.eval_every must be 1 in a sweep (ASHA compares val/AP every epoch), got {base.train.eval_every}"
+        )
+    require_dashboard()
+    results = build_tuner(base, space, settings).fit()
+    rows = trial_rows(results, space, max_epochs=base.train.epochs)
+    # Reports are small local files: beside the sweep, or in ./<name> when the sweep lives in object storage.
+    out = Path(settings.path) if "://" not in settings.path else Path.cwd() / settings.name
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(rows, out)
+    plot_ap(rows, space, out / "ap_vs_params.png")
+    write_best_config(rows, out / "best_config.json", name=f"{settings.name}_best", storage_path=settings.storage)
+    return rows
+
+
+def init_ray() -> None:
+    """Join $RAY_ADDRESS's cluster (or the Ray already started in this process), passing the address on.
+
+    Ray Train's placement-group cleaner asks the State API for "the" cluster; on a machine running several Ray
+    instances it cannot tell which and stopped trials leak their placement groups, so every process of the sweep
+    gets the address in its environment (the job's runtime environment).
+    """
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = os.environ["RAY_ADDRESS"]
+    ray.init(address=address, runtime_env={"env_vars": {"RAY_ADDRESS": address}}, log_to_driver=False)
+
+
+def rerun_on_local_ray(argv: list[str]) -> int:
+    """Start a local Ray with its dashboard, run this command again joined to it, then stop it.
+
+    A job's runtime environment is fixed when its driver connects, and the address of a local Ray is known only
+    once it runs: hence a second driver.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(include_dashboard=True, log_to_driver=False, configure_logging=False)
+    try:
+        env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+        return subprocess.call([sys.executable, str(Path(__file__).resolve()), *argv], env=env)
+    finally:
+        ray.shutdown()
+
+
+def require_dashboard() -> None:
+    """Fail fast when the State API (served by the dashboard) does not answer: the sweep would hang later."""
+    from ray.util.state import list_placement_groups
+
+    try:
+        list_placement_groups(address=ray.get_runtime_context().gcs_address, limit=1, timeout=30)
+    except Exception as e:  # noqa: BLE001 - any failure means no State API
+        raise RuntimeError(
+            "Tune over Ray Train needs the Ray dashboard (its State API cleans up stopped trials' placement groups); "
+            "start Ray with ray[default] and include_dashboard=True / `ray start --head --include-dashboard=true`"
+        ) from e
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Ray Tune sweep of ddetr trainings (ASHA on val/AP)")
+    p.add_argument("--preset", default="tiny", help="base preset (ddetr.config.PRESETS)")
+    p.add_argument("--data", required=True, help="folder with train/ and val/ shards (or DIR/shards/...)")
+    p.add_argument("--space", default=str(Path(__file__).parent / "spaces" / "default.yaml"), help="search space YAML")
+    p.add_argument("--samples", type=int, default=8, help="trials (times the values of any grid)")
+    p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: as many as fit)")
+    p.add_argument("--name", default=None, help="sweep name (default: <preset>_<space file name>)")
+    p.add_argument("--storage", default="runs/tune", help="folder or URI for sweeps")
+    p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
+    p.add_argument("--reduction-factor", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random search")
+    p.add_argument("overrides", nargs="*", default=[], help="config overrides of every trial, e.g. train.epochs=3")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ddetr.cli import build_config
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
+        return rerun_on_local_ray(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    space = load_space(args.space)
+    base = build_config(args.preset, args.data, args.overrides)
+    storage = args.storage if "://" in args.storage else str(Path(args.storage).expanduser().resolve())
+    settings = SweepSettings(
+        name=args.name or f"{args.preset}_{Path(args.space).stem}",
+        storage=storage,
+        samples=args.samples,
+        max_concurrent=args.max_concurrent,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+        seed=args.seed,
+    )
+    init_ray()
+    rows = run_sweep(base, space, settings)
+    out = Path(settings.path) if "://" not in settings.path else Path.cwd() / settings.name
+    print((out / "results.md").read_text())
+    print(f"{len(rows)} trials; results, plot and best config (ddetr train --config FILE) in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
