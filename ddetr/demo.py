@@ -113,7 +113,7 @@ def write_results(out: Path, cfg: Config, run: Path, metrics: dict) -> None:
         det = detector.predict([image])[0]
         xywh = np.asarray(row["boxes"], dtype=np.float32).reshape(-1, 4)  # flat in the shard
         truth = [(x, y, x + w, y + h) for x, y, w, h in xywh.tolist()]
-        draw_detections(image, det, pictures / f"{row['image_id']}.png", names=names, truth=truth)
+        draw_detections(image, det, pictures / f"{row['image_id']}.png", names=names, truth=truth, threshold=0.3)
     print(
         f"\nresults in {out}: metrics.json (AP50 {numbers.get('val/AP50', float('nan')):.3f}, "
         f"AP {numbers.get('val/AP', float('nan')):.3f}), curves.png, predictions/ (best checkpoint {best.name})"

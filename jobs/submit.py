@@ -144,9 +144,23 @@ def connect(address: str, token: str | None = None) -> JobSubmissionClient:
         ) from e
 
 
-def submit(client: JobSubmissionClient, entrypoint: str, env: dict[str, Any], job_id: str | None = None) -> str:
-    """Submit `entrypoint` with runtime environment `env`; returns the job id."""
-    return client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=job_id)
+def submit(
+    client: JobSubmissionClient, entrypoint: str, env: dict[str, Any], job_id: str | None = None,
+    agent_wait_s: float = 60.0,
+) -> str:
+    """Submit `entrypoint` with runtime environment `env`; returns the job id.
+
+    A head that has just started answers "No available agent to submit job" until its job agent is up: that
+    answer is retried for up to `agent_wait_s` seconds.
+    """
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=job_id)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def wait(client: JobSubmissionClient, job_id: str, timeout_s: float = 600.0, poll_s: float = 0.5) -> JobStatus:

@@ -218,8 +218,11 @@ def test_best_config_file_trains(sweep: tuple[Path, dict[str, int]], tmp_path: P
 
 
 def _trial_dir(sweep: Path, trial: str) -> Path:
-    (found,) = [p for p in sweep.iterdir() if p.is_dir() and trial in p.name]
-    return found
+    # A trial that was running when the sweep was killed starts again in a new folder after the restore (the
+    # name ends in its start time): the newest folder holds its results.
+    found = sorted(p for p in sweep.iterdir() if p.is_dir() and trial in p.name and (p / "result.json").exists())
+    assert found, f"no result folder for trial {trial} in {sweep}"
+    return found[-1]
 
 
 def _reports(sweep: Path, trial: str) -> int:

@@ -29,6 +29,11 @@ CHECKPOINT_PREFIX = "checkpoint_"
 _CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}\d{{8}}")  # not "<name>.tmp", a copy cut short
 
 
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint taken after optimizer step `step`."""
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
 def run_dir(cfg: Config) -> Path:
     """`train.storage_path / train.name`, made absolute."""
     return Path(cfg.train.storage_path).expanduser().resolve() / cfg.train.name
@@ -94,7 +99,7 @@ class LocalRuntime:
             self.logbook.write("epoch", int(metrics.get("step", 0)), metrics)
         if checkpoint_dir is None:
             return
-        final = self.dir / f"{CHECKPOINT_PREFIX}{int(metrics.get('step', 0)):08d}"
+        final = self.dir / checkpoint_name(int(metrics.get("step", 0)))
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(checkpoint_dir, tmp)

@@ -74,7 +74,13 @@ def plot_curves(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     steps = [r for r in records if r["kind"] == "step" and "loss" in r]
     epochs = [r for r in records if r["kind"] == "epoch"]
     fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8)
+    ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.5, alpha=0.4, label="per step")
+    window = 25  # a running mean shows the trend through the per-batch noise
+    if len(steps) >= window:
+        losses = [r["loss"] for r in steps]
+        means = [sum(losses[i - window : i]) / window for i in range(window, len(losses) + 1)]
+        ax_loss.plot([r["step"] for r in steps[window - 1 :]], means, lw=1.5, label=f"mean of {window}")
+        ax_loss.legend()
     ax_loss.set(xlabel="optimizer step", ylabel="weighted loss", title="training loss", yscale="log")
     evaluated = [r for r in epochs if "val/AP" in r]
     for key, label in (("val/AP", "AP"), ("val/AP50", "AP50")):

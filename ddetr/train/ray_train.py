@@ -31,7 +31,7 @@ from ddetr.config import Config
 from ddetr.data.coco_eval import CocoEvaluator
 from ddetr.data.pipeline import DetrCollateFn, build_ray_dataset
 from ddetr.train.engine import NonFiniteLossError
-from ddetr.train.local import run_dir, transform_config
+from ddetr.train.local import checkpoint_name, run_dir, transform_config
 from ddetr.train.logbook import Logbook
 from ddetr.train.loop import fit
 from ddetr.train.probes import PROBE_VARS
@@ -97,7 +97,9 @@ class RayRuntime:
         if not metrics.get("mid_epoch"):
             self.logbook.write("epoch", int(metrics.get("step", 0)), metrics)
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        # Named by step as in the single-process runtime, so `local.list_checkpoints` reads either run folder.
+        name = checkpoint_name(int(metrics.get("step", 0)))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
     def latest_checkpoint(self) -> Path | None:
         checkpoint = ray.train.get_checkpoint()
