@@ -4,6 +4,7 @@
     ddetr train --preset tiny --data DIR [--engine ray|local] [section.field=value ...]
     ddetr eval --checkpoint PATH --data DIR
     ddetr predict --checkpoint PATH IMAGE... --out DIR
+    ddetr predict --checkpoint PATH --shards DIR --out DIR   batch inference with a Ray Data actor pool
     ddetr data synth --out DIR [--images N]
     ddetr data convert --images DIR --annotations FILE.json --out DIR [--strict]
     ddetr op build                               prebuild the compiled op (cluster setup commands)
@@ -82,12 +83,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.shards:
+        from ddetr.batch_inference import predict_shards
+
+        summary = predict_shards(args.checkpoint, args.shards, args.out, batch_size=args.batch_size,
+                                 max_actors=args.actors, draw=args.draw, threshold=args.threshold)  # fmt: skip
+        print(f"{summary['images']} images, {summary['detections']} detections in {summary['file']} "
+              f"({summary['images_per_s']} images/s)")  # fmt: skip
+        return 0
+    if not args.images:
+        raise SystemExit("ddetr predict: give image files, or a shard folder with --shards")
     from ddetr.inference import Detector, draw_detections
 
     detector = Detector.from_checkpoint(args.checkpoint, device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    detections = detector.predict_files(args.images)
+    detections = detector.predict_files(args.images, batch_size=args.batch_size)
     records = []
     for i, (path, det) in enumerate(zip(args.images, detections, strict=True)):
         draw_detections(path, det, out / f"{Path(path).stem}.png", threshold=args.threshold)
@@ -95,7 +106,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for score, label, (x0, y0, x1, y1) in rows:
             records.append({"image_id": i, "file_name": str(path), "category_id": label,
                             "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
-    (out / "detections.json").write_text(json.dumps(records))
+    tmp = out / "detections.json.tmp"
+    tmp.write_text(json.dumps(records))
+    tmp.replace(out / "detections.json")
     print(f"{len(args.images)} images: detections in {out / 'detections.json'}, drawings in {out}")
     return 0
 
@@ -158,8 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=float, default=0.5, help="lowest score drawn")
-    p.add_argument("--device", default=None)
-    p.add_argument("images", nargs="+")
+    p.add_argument("--device", default=None, help="image files only; shards use a GPU per actor when there are any")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shards", default=None, help="a shard folder: batch inference with a Ray Data actor pool")
+    p.add_argument("--actors", type=int, default=None, help="largest actor pool (default: GPUs, else CPUs)")
+    p.add_argument("--draw", type=int, default=8, help="shards: images drawn")
+    p.add_argument("images", nargs="*")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="the main job: synthetic COCO, Ray training, results folder")

@@ -1,8 +1,12 @@
-"""Shared test fixtures: device skips and one local Ray runtime for the whole session."""
+"""Shared test fixtures: device skips, a hard time limit, and one local Ray runtime for the whole session."""
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import pytest
 import torch
@@ -20,6 +24,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@contextmanager
+def _time_limit(seconds: int) -> Iterator[None]:
+    """Raise TimeoutError in the main thread once `seconds` have passed inside the block."""
+    if threading.current_thread() is not threading.main_thread():  # SIGALRM is delivered to the main thread only
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"ran past its hard limit of {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="session")
+def hard_timeout() -> Callable[[int], AbstractContextManager[None]]:
+    """`with hard_timeout(seconds): ...` fails the block past its limit: Ray hangs are silent, and a test that
+    fails beats a suite that never ends."""
+    return _time_limit
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import warnings
 
@@ -31,17 +30,9 @@ def shards(tmp_path_factory):
 
 
 @pytest.fixture
-def hard_timeout():
-    """Ray hangs are silent: fail the test instead of the suite."""
-
-    def expire(signum, frame):
-        raise TimeoutError("Ray test ran past 120 s")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(120)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+def limit_120s(hard_timeout):
+    with hard_timeout(120):
+        yield
 
 
 def _expected_ids(split_dir: str, seed: int, epoch: int, train: bool = True, skip: int = 0) -> list[int]:
@@ -145,7 +136,7 @@ def test_undecodable_bytes_are_dropped_with_a_warning(shards, caplog):
 
 
 @pytest.mark.ray
-def test_ray_pipeline_matches_the_plain_one(shards, ray_local, hard_timeout):
+def test_ray_pipeline_matches_the_plain_one(shards, ray_local, limit_120s):
     from ray.data import DataContext
 
     from ddetr.data.pipeline import DetrCollateFn, build_ray_dataset
@@ -173,7 +164,7 @@ def test_ray_pipeline_matches_the_plain_one(shards, ray_local, hard_timeout):
 
 
 @pytest.mark.ray
-def test_ray_pipeline_splits_for_train_workers(shards, ray_local, hard_timeout):
+def test_ray_pipeline_splits_for_train_workers(shards, ray_local, limit_120s):
     from ray.data import DataContext
 
     from ddetr.data.pipeline import DetrCollateFn, build_ray_dataset

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -95,23 +94,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(autouse=True)
-def _hard_timeout(request: pytest.FixtureRequest) -> Iterator[None]:
+def _time_limit(request: pytest.FixtureRequest, hard_timeout) -> Iterator[None]:
     """Fail a Ray test that runs past TEST_TIMEOUT_S instead of hanging the suite."""
-    # SIGALRM can only be handled in the main thread (pytest-xdist and friends may run tests elsewhere).
-    if "ray" not in request.keywords or threading.current_thread() is not threading.main_thread():
+    if "ray" not in request.keywords:
         yield
         return
-
-    def expire(signum: int, frame: object) -> None:
-        raise TimeoutError(f"{request.node.name} ran past {TEST_TIMEOUT_S} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(TEST_TIMEOUT_S)
-    try:
+    with hard_timeout(TEST_TIMEOUT_S):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")

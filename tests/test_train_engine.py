@@ -258,6 +258,7 @@ RESUME_OVERRIDES = (
     "train.max_steps_per_epoch=2",
     "train.checkpoint_every_steps=1",
     "train.keep_checkpoints=1",
+    "model.dropout=0.1",  # dropout draws from the generators: a resumed run must draw what the straight one drew
 )
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import signal
+import os
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,23 +23,6 @@ from ddetr.train.probes import FAULT_MARKER, FAULT_VAR, TRACE_VAR
 from ddetr.train.state import load_checkpoint
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture
-def hard_timeout():
-    """Fail a test that runs past its limit: Ray hangs are silent."""
-
-    def expire(signum, frame):
-        raise TimeoutError("the Ray test ran past its hard timeout")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-
-    def arm(seconds: int) -> None:
-        signal.alarm(seconds)
-
-    yield arm
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")
@@ -61,28 +46,40 @@ def ray_config(dataset, storage: Path, name: str, *overrides: str) -> Config:
     )
 
 
-def test_two_workers_train_evaluate_and_report_checkpoints(ray_local, dataset, tmp_path, hard_timeout):
+def test_two_workers_train_evaluate_and_report_checkpoints(ray_local, dataset, tmp_path, hard_timeout, monkeypatch):
+    """Relative paths, as typed on a command line, are the caller's: Ray runs its workers somewhere else."""
     from ddetr.train.ray_train import build_trainer
 
-    hard_timeout(240)
-    cfg = ray_config(
-        dataset,
-        tmp_path,
-        "two",
-        f"data.val={dataset.val_shards}",
-        "train.max_steps_per_epoch=2",
-        "train.checkpoint_every_steps=1",
+    monkeypatch.chdir(tmp_path)
+    cfg = apply_overrides(
+        ray_config(dataset, Path("runs"), "two"),
+        [
+            f"data.train={os.path.relpath(dataset.train_shards)}",
+            f"data.val={os.path.relpath(dataset.val_shards)}",
+            "train.max_steps_per_epoch=2",
+            "train.checkpoint_every_steps=1",
+        ],
     )
-    result = build_trainer(cfg, controller_failure_limit=0).fit()
+    with hard_timeout(240):
+        result = build_trainer(cfg, controller_failure_limit=0).fit()
     assert result.error is None
     assert result.metrics["step"] == 2 and result.metrics["epoch"] == 1
     assert "val/AP" in result.metrics and "train/loss" in result.metrics
     final = load_checkpoint(result.checkpoint.to_directory())
-    assert final["state"].step == 2 and final["state"].epoch == 1 and final["config"] == cfg.to_dict()
+    assert final["state"].step == 2 and final["state"].epoch == 1
+    absolute = apply_overrides(
+        cfg,
+        [
+            f"data.train={dataset.train_shards}",
+            f"data.val={dataset.val_shards}",
+            f"train.storage_path={tmp_path / 'runs'}",
+        ],
+    )
+    assert final["config"] == absolute.to_dict()
     reported = sorted(int(m["step"]) for _, m in result.best_checkpoints)
     assert reported[-1] == 2 and set(reported) <= {1, 2}
-    # Rank 0 logged both optimizer steps of the run, and the epoch.
-    records = read_metrics(tmp_path / "two")
+    # Rank 0 logged both optimizer steps of the run, and the epoch, into the run folder under the caller's cwd.
+    records = read_metrics(tmp_path / "runs" / "two")
     assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2]
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1]
 
@@ -119,7 +116,6 @@ def test_worker_killed_mid_epoch_resumes_from_the_latest_checkpoint(
     """
     from ddetr.train.ray_train import build_trainer
 
-    hard_timeout(420)
     trace = tmp_path / "trace.jsonl"
     monkeypatch.setenv(TRACE_VAR, str(trace))
     monkeypatch.setenv(FAULT_VAR, "1:5")
@@ -132,7 +128,8 @@ def test_worker_killed_mid_epoch_resumes_from_the_latest_checkpoint(
         "train.checkpoint_every_steps=2",
         "train.max_failures=1",
     )
-    result = build_trainer(cfg, controller_failure_limit=1).fit()
+    with hard_timeout(420):
+        result = build_trainer(cfg, controller_failure_limit=1).fit()
     assert result.error is None
     assert (tmp_path / "fault" / FAULT_MARKER).exists(), "the fault never fired"
     final = load_checkpoint(result.checkpoint.to_directory())
@@ -173,7 +170,6 @@ def test_worker_killed_mid_epoch_resumes_from_the_latest_checkpoint(
 def test_nonfinite_loss_stops_a_ray_run_without_retrying(ray_local, dataset, tmp_path, hard_timeout, monkeypatch):
     """A worker error would be retried from the last checkpoint, and meet the same loss again: the adapter stops
     the run instead and the driver raises. `num_workers=0` runs the train function in this process."""
-    hard_timeout(180)
     cfg = ray_config(
         dataset, tmp_path, "nan", "train.num_workers=0", "train.max_failures=2", "train.checkpoint_every_steps=1"
     )
@@ -192,6 +188,82 @@ def test_nonfinite_loss_stops_a_ray_run_without_retrying(ray_local, dataset, tmp
         return model, criterion, postprocessors
 
     monkeypatch.setattr(loop, "build_model", poisoned_build_model)
-    with pytest.raises(NonFiniteLossError, match="optimizer step 2 .*loss_ce=nan.*last good checkpoint"):
+    with hard_timeout(180), pytest.raises(NonFiniteLossError, match="optimizer step 2 .*loss_ce=nan.*last good"):
         train(cfg, engine="ray")
     assert len(calls) == 2, "the run was retried"
+
+
+def epoch_image_ids(cfg: Config, count: int) -> list[int]:
+    """The first `count` image ids of epoch 0's order, whatever the number of workers."""
+    return [ids[0] for ids in expected_image_ids(apply_overrides(cfg, ["train.batch_size=1"]), 1, count)[0]]
+
+
+def elastic_config(dataset, storage: Path, name: str, *overrides: str) -> Config:
+    """1 to 4 workers of 0.75 CPU, batch 1 each, total batch 2: two fit in 2 CPUs, with 0.5 left for Ray Data."""
+    return ray_config(
+        dataset,
+        storage,
+        name,
+        "train.min_workers=1",
+        "train.num_workers=4",
+        "train.cpus_per_worker=0.75",
+        "data.map_cpus=0.25",
+        "train.batch_size=1",
+        "train.total_batch_size=2",
+        *overrides,
+    )
+
+
+@pytest.mark.slow
+def test_elastic_run_starts_with_the_workers_that_fit(ray_local, dataset, tmp_path, hard_timeout, monkeypatch):
+    from ddetr.train.ray_train import build_trainer
+
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv(TRACE_VAR, str(trace))
+    steps = 3
+    cfg = elastic_config(dataset, tmp_path, "elastic", f"train.max_steps_per_epoch={steps}")
+    with hard_timeout(240):
+        result = build_trainer(cfg, controller_failure_limit=1).fit()
+    assert result.error is None
+    final = load_checkpoint(result.checkpoint.to_directory())
+    assert final["state"].step == steps and final["state"].epoch == 1
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert {line["world_size"] for line in lines} == {2}, "asked for up to 4 workers: 2 fit on 2 CPUs"
+    assert sorted((line["rank"], line["step"]) for line in lines) == [(r, s) for r in (0, 1) for s in (1, 2, 3)]
+    trained = [i for line in lines for i in line["image_ids"]]
+    assert sorted(trained) == sorted(epoch_image_ids(cfg, steps * 2))
+
+
+@pytest.mark.slow
+def test_losing_a_node_continues_with_fewer_workers(dataset, tmp_path):
+    """A two-node cluster on this machine loses its worker node mid-epoch (see `elastic_node_loss.py`)."""
+    trace = tmp_path / "trace.jsonl"
+    script = Path(__file__).with_name("elastic_node_loss.py")
+    done = subprocess.run(
+        [sys.executable, str(script), dataset.train_shards, str(tmp_path), str(trace)],
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["error"] is None
+    steps = 8
+    assert summary["step"] == steps and summary["epoch"] == 1
+
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    attempts = sorted({(line["start_step"], line["world_size"]) for line in lines})
+    assert attempts[0] == (0, 2), f"the run should start with 2 workers, one per node: {attempts}"
+    resumed_from, world = attempts[-1]
+    assert world == 1, f"after losing a node the run should go on with 1 worker: {attempts}"
+    assert resumed_from in (2, 4, 6), f"resumed from step {resumed_from}, not from a checkpoint of the first attempt"
+    # The step counter goes on from the checkpoint without a gap, with 2 micro-batches per step on 1 worker.
+    last = [line for line in lines if (line["start_step"], line["world_size"]) == (resumed_from, 1)]
+    assert [line["step"] for line in last] == list(range(resumed_from + 1, steps + 1))
+    assert all(len(line["image_ids"]) == 2 for line in last)
+    # Kept: the first attempt up to the checkpoint, then the last attempt. Together they trained exactly the first
+    # 2 x 8 images of the epoch order: none twice, none skipped, across the change of worker count.
+    kept = [i for line in lines if line["start_step"] == 0 and line["step"] <= resumed_from for i in line["image_ids"]]
+    kept += [i for line in last for i in line["image_ids"]]
+    cfg = elastic_config(dataset, tmp_path, "node_loss")
+    assert sorted(kept) == sorted(epoch_image_ids(cfg, 2 * steps)) and len(set(kept)) == len(kept)

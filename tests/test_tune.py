@@ -15,8 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,20 +33,6 @@ TINY = [
     "train.max_steps_per_epoch=2",
     "data.map_cpus=0.5",
 ]
-
-
-@contextmanager
-def hard_timeout(seconds: int) -> Iterator[None]:
-    def fail(signum: int, frame: object) -> None:
-        raise TimeoutError(f"test exceeded its hard limit of {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # ---- offline ---------------------------------------------------------------------------------------------------
@@ -130,7 +114,9 @@ def read_rows(sweep_dir: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_local, synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+def sweep(
+    ray_local, hard_timeout, synth_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, int]]:
     """A 4-trial ASHA sweep, 2 trials at a time, killed (SIGKILL of its driver) once a trial has finished, then
     continued by running the same command again. Returns the sweep folder and {trial id: reports} of the trials
     finished before the kill."""
@@ -198,7 +184,7 @@ def test_continued_sweep_did_not_rerun_finished_trials(sweep: tuple[Path, dict[s
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_best_config_file_trains(sweep: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+def test_best_config_file_trains(sweep: tuple[Path, dict[str, int]], tmp_path: Path, hard_timeout) -> None:
     folder, _ = sweep
     best_row = read_rows(folder)[0]
     best = Config.from_dict(json.loads((folder / "best_config.json").read_text()))

@@ -5,7 +5,7 @@ from ``numpy.random.default_rng([seed, epoch, ...])``. So every image has a *pos
 the same in the Ray Data pipeline and the plain PyTorch one, on any machine.
 
 Resuming inside an epoch: the engine records how many images of the epoch were consumed, by all
-ranks together (``batches_done * batch_size * world_size``), and passes it as ``skip``; the first
+ranks together (``TrainState.images_done``), and passes it as ``skip``; the first
 ``skip`` positions are dropped *before* any image is decoded. In the plain path each rank then gets
 exactly the images it had not yet seen. Under Ray Train, ``streaming_split`` hands blocks to workers
 as they ask, so which worker saw which image is not recorded: the resumed epoch skips the right

@@ -59,12 +59,14 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     max_steps: int | None = None,
     on_step: Callable[[TrainState, dict[str, float]], None] | None = None,
+    before_step: Callable[[TrainState], None] | None = None,
 ) -> dict[str, float]:
     """Train over `batches`, one optimizer step per `accum_steps` micro-batches.
 
     The loss of every micro-batch is normalised by the number of target boxes of the whole accumulation group
     (averaged over workers), so an accumulated step has the gradient of one large batch. `state.step` and
-    `state.batches_done` count optimizer steps; `on_step(state, metrics)` is called after each.
+    `state.batches_done` count optimizer steps; `on_step(state, metrics)` is called after each, and
+    `before_step(state)` once its micro-batches are loaded, before the first forward (e.g. to seed dropout).
 
     Returns:
         Mean of every logged metric over the epoch ("loss", each weighted loss term, "class_error", ...), plus
@@ -80,6 +82,8 @@ def train_one_epoch(
     for group in _chunks(batches, accum_steps):
         data_wait = time.perf_counter() - tick
         group = [batch_to(b, device) for b in group]
+        if before_step is not None:
+            before_step(state)
         num_boxes = criterion.count_boxes([t for b in group for t in b["targets"]], device)
         logged: dict[str, float] = {}
         for i, batch in enumerate(group):

@@ -66,6 +66,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed every generator for the optimizer step after `step` from (seed, rank, step).
+
+    The model's randomness (dropout) is then a pure function of where the run is, like the data order: a run
+    resumed from a checkpoint draws exactly what the uninterrupted run drew, without saving generator states.
+    """
+    seed_everything(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1))
+
+
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """"auto": bf16 autocast on CUDA, none on CPU; "bf16" / "fp16" / "off" force it."""
     if setting == "auto":
@@ -74,16 +83,26 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 
 
 def accumulation_steps(cfg: Config, world_size: int) -> int:
-    """Micro-batches per optimizer step so that one step sees `train.total_batch_size` images (0: one)."""
+    """Micro-batches per optimizer step so that one step sees `train.total_batch_size` images (0: one).
+
+    A fixed-size run must divide the total exactly. An elastic run (`train.min_workers > 0`) cannot know its
+    worker count in advance: it takes the nearest achievable total and says so when that differs.
+    """
     per_step = cfg.train.batch_size * world_size
-    if cfg.train.total_batch_size <= 0:
+    total = cfg.train.total_batch_size
+    if total <= 0:
         return 1
-    if cfg.train.total_batch_size % per_step:
+    if total % per_step == 0:
+        return total // per_step
+    if cfg.train.min_workers <= 0:
         raise ValueError(
-            f"train.total_batch_size ({cfg.train.total_batch_size}) must be a multiple of train.batch_size x "
+            f"train.total_batch_size ({total}) must be a multiple of train.batch_size x "
             f"workers ({cfg.train.batch_size} x {world_size} = {per_step})"
         )
-    return cfg.train.total_batch_size // per_step
+    accum = max(1, round(total / per_step))
+    log.warning("%d workers x batch %d cannot make a total batch of %d: training with %d (%d micro-batches)",
+                world_size, cfg.train.batch_size, total, accum * per_step, accum)
+    return accum
 
 
 def fit(cfg: Config, runtime: Runtime) -> dict[str, Any]:
@@ -106,14 +125,15 @@ def fit(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         state = payload["state"]
-        log.info("resumed from %s at epoch %d, step %d", resume, state.epoch, state.step)
+        log.info("resumed from %s at epoch %d, step %d, image %d of the epoch", resume, state.epoch, state.step,
+                 state.images_done)
     trained = runtime.wrap(model)
     accum = accumulation_steps(cfg, runtime.world_size)
     images_per_step = cfg.train.batch_size * runtime.world_size * accum
     dtype = amp_dtype(cfg.train.amp, device)
     metrics: dict[str, Any] = dict(state.metrics)
     max_steps = cfg.train.max_steps_per_epoch or None
-    probe = StepProbe(runtime.rank, runtime.local_run_dir(), state.step)
+    probe = StepProbe(runtime.rank, runtime.world_size, runtime.local_run_dir(), state.step)
 
     def checkpoint(metrics: dict[str, Any]) -> None:
         # Checkpoints are ranked by val/AP: one taken before any evaluation carries the last known value.
@@ -128,6 +148,7 @@ def fit(cfg: Config, runtime: Runtime) -> dict[str, Any]:
             runtime.report(metrics, directory)
 
     def on_step(state: TrainState, step_metrics: dict[str, float]) -> None:
+        state.images_done += images_per_step
         if runtime.rank == 0:
             runtime.log_step(state.step, {**step_metrics, "epoch": state.epoch})
             if state.step % cfg.train.log_every == 0:
@@ -140,21 +161,26 @@ def fit(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         if every > 0 and state.batches_done % every == 0 and state.batches_done != max_steps:
             checkpoint({**step_metrics, "epoch": state.epoch, "step": state.step, "mid_epoch": True})
 
+    def before_step(state: TrainState) -> None:
+        # After the batches are loaded: creating a data iterator draws from the global generator too.
+        seed_step(cfg.train.seed, runtime.rank, state.step)
+
     while state.epoch < cfg.train.epochs:
         epoch = state.epoch
-        batches = runtime.train_batches(epoch, skip_images=state.batches_done * images_per_step)
+        batches = runtime.train_batches(epoch, skip_images=state.images_done)
         if probe.enabled:
             batches = probe.watch(batches)
         try:
             epoch_metrics = train_one_epoch(
                 trained, criterion, batches, optimizer, state, device=device, accum_steps=accum,
                 max_norm=cfg.train.clip_max_norm, amp_dtype=dtype, max_steps=max_steps, on_step=on_step,
+                before_step=before_step,
             )
         except NonFiniteLossError:
             log.error("stopping: the loss is not finite; the last good checkpoint is kept")
             raise
         scheduler.step()
-        state.epoch, state.batches_done = epoch + 1, 0
+        state.epoch, state.batches_done, state.images_done = epoch + 1, 0, 0
         metrics = {f"train/{k}": v for k, v in epoch_metrics.items()}
         metrics.update(epoch=state.epoch, step=state.step)
         val = runtime.val_batches()

@@ -4,7 +4,8 @@ Two questions about a run cannot be answered from its checkpoints alone: which i
 trained, and what happens when a worker dies in the middle of an epoch. The fault-tolerance test sets:
 
     DDETR_TRACE_IMAGES=/path/trace.jsonl   every rank appends one line per optimizer step:
-                                           {"pid", "rank", "epoch", "step", "start_step", "image_ids"}
+                                           {"pid", "rank", "world_size", "epoch", "step", "start_step",
+                                            "image_ids"}
                                            (`start_step`: the step this process resumed from, 0 when fresh)
     DDETR_FAULT_AT_STEP=RANK:STEP          rank RANK kills its own process (SIGKILL) right after optimizer
                                            step STEP, once per run: a marker file in the run folder
@@ -33,12 +34,13 @@ class StepProbe:
 
     Args:
         rank: this worker's rank.
+        world_size: the number of workers of this attempt.
         run_dir: the run folder, where the fault marker goes (None: the fault probe is off).
         start_step: the global step this process starts from.
     """
 
-    def __init__(self, rank: int, run_dir: Path | None, start_step: int) -> None:
-        self.rank, self.start_step = rank, start_step
+    def __init__(self, rank: int, world_size: int, run_dir: Path | None, start_step: int) -> None:
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
         self.trace = os.environ.get(TRACE_VAR) or None
         fault = os.environ.get(FAULT_VAR)
         self.fault: tuple[int, int] | None = None
@@ -65,6 +67,7 @@ class StepProbe:
             line = {
                 "pid": os.getpid(),
                 "rank": self.rank,
+                "world_size": self.world_size,
                 "epoch": epoch,
                 "step": step,
                 "start_step": self.start_step,

@@ -160,8 +160,10 @@ def build_trainer(
     """
     t = cfg.train
     workers: int | tuple[int, int] = (t.min_workers, t.num_workers) if t.min_workers > 0 else t.num_workers
-    storage = t.storage_path if "://" in t.storage_path else str(Path(t.storage_path).expanduser().resolve())
+    # Workers run in a directory of Ray's choosing: relative paths are resolved here, against the caller's.
     config = cfg.to_dict()
+    config["data"] = {**config["data"], "train": _absolute(cfg.data.train), "val": _absolute(cfg.data.val)}
+    config["train"] = {**config["train"], "storage_path": _absolute(t.storage_path)}
     if resume:
         config["resume"] = str(Path(resume).resolve())
     probes = {k: os.environ[k] for k in PROBE_VARS if os.environ.get(k)}
@@ -175,7 +177,7 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=t.name,
-            storage_path=storage,
+            storage_path=config["train"]["storage_path"],
             checkpoint_config=CheckpointConfig(
                 num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val/AP", checkpoint_score_order="max"
             ),
@@ -185,6 +187,11 @@ def build_trainer(
             callbacks=callbacks,
         ),
     )
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute (empty stays empty); URIs as they are."""
+    return path if not path or "://" in path else str(Path(path).expanduser().resolve())
 
 
 def init_local_ray(num_cpus: int | None = None) -> None:

@@ -21,11 +21,14 @@ METRICS_FILE = "metrics.json"
 
 @dataclass
 class TrainState:
-    """Counters of a run. `epoch` is the epoch in progress; `batches_done` counts optimizer steps in it."""
+    """Counters of a run. `epoch` is the epoch in progress; `batches_done` counts optimizer steps in it and
+    `images_done` the images those steps consumed, by all workers together: the data position to resume from,
+    whatever the number of workers then."""
 
     epoch: int = 0
     step: int = 0
     batches_done: int = 0
+    images_done: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     best_ap: float = -1.0
 

@@ -1,0 +1,159 @@
+"""Batch inference over a shard folder with Ray Data: an actor pool holding one model per actor.
+
+    ddetr predict --checkpoint runs/demo/checkpoint_00000800 --shards data/shards/val --out preds/
+
+Shards are read by Ray Data's Parquet reader (image bytes and ids only), decoded and detected in `DetectBatch`
+actors (each loads the checkpoint once, on a GPU when the cluster has them), and the detections stream back to
+the driver, which writes them as COCO results (`detections.json`: image_id, category_id, bbox xywh, score)
+under a temporary name first. The pool grows from one actor to `max_actors` while there is work.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ddetr.data.shards import read_metadata, read_shard, shard_uris
+
+log = logging.getLogger(__name__)
+
+DETECTIONS_FILE = "detections.json"
+
+
+class DetectBatch:
+    """Ray Data's callable class: one `Detector` per actor, a batch of shard rows in, their detections out.
+
+    Returns per image "image_id", "scores" (K,), "labels" (K,) and "boxes" (K * 4,) flat xyxy in the image's
+    pixels, as object arrays (K differs between images only if the model's top-k does).
+    """
+
+    def __init__(self, checkpoint: str, device: str | None = None) -> None:
+        from ddetr.inference import Detector
+
+        self.detector = Detector.from_checkpoint(checkpoint, device=device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in batch["image"]]
+        detections = self.detector.predict(images)
+        out: dict[str, Any] = {"image_id": np.asarray(batch["image_id"], dtype=np.int64)}
+        for key in ("scores", "labels", "boxes"):
+            column = np.empty(len(detections), dtype=object)
+            column[:] = [d[key].reshape(-1).numpy() for d in detections]
+            out[key] = column
+        return out
+
+
+def predict_shards(
+    checkpoint: str | os.PathLike,
+    split_dir: str,
+    out: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    max_actors: int | None = None,
+    cpus_per_actor: float = 1.0,
+    use_gpu: bool | None = None,
+    draw: int = 8,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Detect objects in every image of a shard folder; write `out/detections.json` and draw the first `draw`.
+
+    Args:
+        max_actors: largest actor pool (default: the cluster's GPUs, or its CPUs / `cpus_per_actor`).
+        use_gpu: one GPU per actor (default: when the cluster has GPUs).
+
+    Returns:
+        {"images", "detections", "seconds", "images_per_s", "actors", "file"}.
+    """
+    import ray
+    import ray.data
+
+    from ddetr.train.ray_train import init_local_ray
+
+    init_local_ray()
+    meta = read_metadata(split_dir)
+    uris = shard_uris(split_dir, meta)
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = gpus > 0 if use_gpu is None else use_gpu
+    if max_actors is None:
+        max_actors = gpus if use_gpu else max(1, int(resources.get("CPU", 1) // cpus_per_actor))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = str(Path(checkpoint).resolve()) if "://" not in str(checkpoint) else str(checkpoint)
+    ds = ray.data.read_parquet(uris).select_columns(["image_id", "image"]).map_batches(
+        DetectBatch,
+        fn_constructor_kwargs={"checkpoint": checkpoint, "device": "cuda" if use_gpu else "cpu"},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+        num_cpus=0 if use_gpu else cpus_per_actor,
+        num_gpus=1 if use_gpu else 0,
+    )
+    log.info("detecting %d images of %s with up to %d %s actors", meta.num_images, split_dir, max_actors,
+             "GPU" if use_gpu else "CPU")  # fmt: skip
+    start = time.perf_counter()
+    path = out / DETECTIONS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    images = detections = 0
+    first: dict[int, dict[str, np.ndarray]] = {}
+    with open(tmp, "w") as f:
+        f.write("[")
+        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            for image_id, scores, labels, boxes in zip(
+                batch["image_id"], batch["scores"], batch["labels"], batch["boxes"], strict=True
+            ):
+                boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+                for record in coco_records(int(image_id), scores, labels, boxes):
+                    f.write(("," if detections else "") + json.dumps(record))
+                    detections += 1
+                if len(first) < draw:
+                    first[int(image_id)] = {"scores": scores, "labels": labels, "boxes": boxes}
+                images += 1
+            if images % max(batch_size * 25, 1) < batch_size:
+                log.info("%d / %d images", images, meta.num_images)
+        f.write("]")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    seconds = time.perf_counter() - start
+    _draw_first(uris, first, out, threshold, {c["id"]: c["name"] for c in meta.categories})
+    summary = {"images": images, "detections": detections, "seconds": round(seconds, 2),
+               "images_per_s": round(images / seconds, 2), "actors": max_actors, "file": str(path)}  # fmt: skip
+    log.info("%s", summary)
+    return summary
+
+
+def coco_records(image_id: int, scores: np.ndarray, labels: np.ndarray, boxes: np.ndarray) -> list[dict[str, Any]]:
+    """One image's detections as COCO results; `boxes` (K, 4) xyxy become xywh. Labels are category ids."""
+    rows = zip(scores.tolist(), labels.tolist(), boxes.tolist(), strict=True)
+    return [{"image_id": image_id, "category_id": int(label), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score}
+            for score, label, (x0, y0, x1, y1) in rows]  # fmt: skip
+
+
+def _draw_first(
+    uris: list[str], first: dict[int, dict[str, np.ndarray]], out: Path, threshold: float, names: dict[int, str]
+) -> None:
+    """Draw the given images' detections into `out/<image_id>.png`, reading their bytes from the shards."""
+    import torch
+
+    from ddetr.inference import draw_detections
+
+    left = dict(first)
+    for uri in uris:
+        if not left:
+            return
+        table = read_shard(uri, ["image_id", "image"])
+        for image_id, data in zip(table.column("image_id").to_pylist(), table.column("image").to_pylist(), strict=True):
+            det = left.pop(image_id, None)
+            if det is not None:
+                image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in det.items()}
+                draw_detections(image, tensors, out / f"{image_id}.png", names=names, threshold=threshold)
