@@ -37,11 +37,11 @@ if __package__ in (None, ""):  # run as `python tune/sweep.py`: make `tune.*` im
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from ddetr.config import Config, apply_overrides
 from ddetr.train.ray_train import NONFINITE_KEY, build_trainer
+from tune.asha import ResumableASHA
 from tune.report import METRIC, plot_ap, trial_rows, write_best_config, write_table
 from tune.space import load_space, param_space, trial_config
 
@@ -49,6 +49,7 @@ log = logging.getLogger("tune.sweep")
 
 DRIVER_CPUS = 0.01  # a trial's driver only waits on its Train controller; Ray refuses 0
 RUNS_DIR = "runs"  # under the sweep folder: one Train run per trial, named by trial id
+ASHA_STATE = "asha_state.pkl"  # ASHA's rungs, so that a continued sweep remembers them (tune/asha.py)
 
 
 @dataclass
@@ -66,6 +67,11 @@ class SweepSettings:
     @property
     def path(self) -> str:
         return f"{self.storage.rstrip('/')}/{self.name}"
+
+    @property
+    def local_dir(self) -> Path:
+        """Where the sweep's small local files go: the sweep folder, or ./<name> when it is in object storage."""
+        return Path(self.path) if "://" not in self.path else Path.cwd() / self.name
 
 
 class EpochReportCallback(TuneReportCallback):
@@ -115,7 +121,8 @@ def build_tuner(base: Config, space: dict[str, dict[str, list]], settings: Sweep
         log.info("continuing the sweep in %s", settings.path)
         return tune.Tuner.restore(settings.path, trainable=trainable, resume_errored=True)
     max_concurrent = concurrency(base, ray.cluster_resources().get("CPU", 0), settings.max_concurrent)
-    scheduler = ASHAScheduler(
+    scheduler = ResumableASHA(
+        settings.local_dir / ASHA_STATE,
         time_attr="epoch",  # the Train run's own epoch: right even when a restarted trial resumes its run
         max_t=base.train.epochs,
         grace_period=settings.grace_period,
@@ -146,8 +153,7 @@ def run_sweep(base: Config, space: dict[str, dict[str, list]], settings: SweepSe
     require_dashboard()
     results = build_tuner(base, space, settings).fit()
     rows = trial_rows(results, space, max_epochs=base.train.epochs)
-    # Reports are small local files: beside the sweep, or in ./<name> when the sweep lives in object storage.
-    out = Path(settings.path) if "://" not in settings.path else Path.cwd() / settings.name
+    out = settings.local_dir
     out.mkdir(parents=True, exist_ok=True)
     write_table(rows, out)
     plot_ap(rows, space, out / "ap_vs_params.png")
@@ -236,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     init_ray()
     rows = run_sweep(base, space, settings)
-    out = Path(settings.path) if "://" not in settings.path else Path.cwd() / settings.name
+    out = settings.local_dir
     print((out / "results.md").read_text())
     print(f"{len(rows)} trials; results, plot and best config (ddetr train --config FILE) in {out}")
     return 0
