@@ -88,14 +88,18 @@ def predict_shards(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = str(Path(checkpoint).resolve()) if "://" not in str(checkpoint) else str(checkpoint)
-    ds = ray.data.read_parquet(uris).select_columns(["image_id", "image"]).map_batches(
-        DetectBatch,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "device": "cuda" if use_gpu else "cpu"},
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
-        num_cpus=0 if use_gpu else cpus_per_actor,
-        num_gpus=1 if use_gpu else 0,
+    ds = (
+        ray.data.read_parquet(uris)
+        .select_columns(["image_id", "image"])
+        .map_batches(
+            DetectBatch,
+            fn_constructor_kwargs={"checkpoint": checkpoint, "device": "cuda" if use_gpu else "cpu"},
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+            num_cpus=0 if use_gpu else cpus_per_actor,
+            num_gpus=1 if use_gpu else 0,
+        )
     )
     log.info("detecting %d images of %s with up to %d %s actors", meta.num_images, split_dir, max_actors,
              "GPU" if use_gpu else "CPU")  # fmt: skip

@@ -1,13 +1,13 @@
 """The `ddetr` command line. Thin: it parses, builds a config and calls the library.
 
-    ddetr demo                                   the main job: synthetic data, Ray training, results folder
-    ddetr train --preset tiny --data DIR [--engine ray|local] [section.field=value ...]
-    ddetr eval --checkpoint PATH --data DIR
-    ddetr predict --checkpoint PATH IMAGE... --out DIR
-    ddetr predict --checkpoint PATH --shards DIR --out DIR   batch inference with a Ray Data actor pool
-    ddetr data synth --out DIR [--images N]
-    ddetr data convert --images DIR --annotations FILE.json --out DIR [--strict]
-    ddetr op build                               prebuild the compiled op (cluster setup commands)
+ddetr demo                                   the main job: synthetic data, Ray training, results folder
+ddetr train --preset tiny --data DIR [--engine ray|local] [section.field=value ...]
+ddetr eval --checkpoint PATH --data DIR
+ddetr predict --checkpoint PATH IMAGE... --out DIR
+ddetr predict --checkpoint PATH --shards DIR --out DIR   batch inference with a Ray Data actor pool
+ddetr data synth --out DIR [--images N]
+ddetr data convert --images DIR --annotations FILE.json --out DIR [--strict]
+ddetr op build                               prebuild the compiled op (cluster setup commands)
 """
 
 from __future__ import annotations
@@ -104,8 +104,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         draw_detections(path, det, out / f"{Path(path).stem}.png", threshold=args.threshold)
         rows = zip(det["scores"].tolist(), det["labels"].tolist(), det["boxes"].tolist(), strict=True)
         for score, label, (x0, y0, x1, y1) in rows:
-            records.append({"image_id": i, "file_name": str(path), "category_id": label,
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
+            records.append(
+                {
+                    "image_id": i,
+                    "file_name": str(path),
+                    "category_id": label,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "score": score,
+                }
+            )
     tmp = out / "detections.json.tmp"
     tmp.write_text(json.dumps(records))
     tmp.replace(out / "detections.json")
@@ -125,8 +132,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     n_val = args.val if args.val is not None else max(1, args.images // 5)
     paths = make_synthetic_coco(args.out, args.images, n_val, seed=args.seed)
-    print(f"synthetic COCO: {args.images} train + {n_val} val images; shards in {paths.train_shards}, "
-          f"{paths.val_shards}")
+    print(
+        f"synthetic COCO: {args.images} train + {n_val} val images; shards in {paths.train_shards}, {paths.val_shards}"
+    )
     return 0
 
 
@@ -200,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=500, help="images per shard")
     p.set_defaults(func=cmd_convert)
 
-    op = sub.add_parser("op", help="the compiled deformable attention op").add_subparsers(dest="op_command",
-                                                                                          required=True)
+    op = sub.add_parser("op", help="the compiled deformable attention op").add_subparsers(
+        dest="op_command", required=True
+    )
     p = op.add_parser("build", help="build (or find in the cache) the C++/CUDA extension")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=cmd_op_build)
@@ -210,8 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     return args.func(args)
 
 

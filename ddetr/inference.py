@@ -1,8 +1,8 @@
 """Inference: load a detector from a ddetr or an official checkpoint, detect objects in images, draw them.
 
-    detector = Detector.from_checkpoint("runs/demo/checkpoint_00000400")
-    detections = detector.predict_files(["a.jpg", "b.jpg"])      # list of {"scores", "labels", "boxes"}
-    draw_detections("a.jpg", detections[0], "a.png", names={1: "rectangle"})
+detector = Detector.from_checkpoint("runs/demo/checkpoint_00000400")
+detections = detector.predict_files(["a.jpg", "b.jpg"])      # list of {"scores", "labels", "boxes"}
+draw_detections("a.jpg", detections[0], "a.png", names={1: "rectangle"})
 """
 
 from __future__ import annotations

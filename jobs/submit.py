@@ -145,7 +145,10 @@ def connect(address: str, token: str | None = None) -> JobSubmissionClient:
 
 
 def submit(
-    client: JobSubmissionClient, entrypoint: str, env: dict[str, Any], job_id: str | None = None,
+    client: JobSubmissionClient,
+    entrypoint: str,
+    env: dict[str, Any],
+    job_id: str | None = None,
     agent_wait_s: float = 60.0,
 ) -> str:
     """Submit `entrypoint` with runtime environment `env`; returns the job id.

@@ -46,7 +46,8 @@ def transform_config(cfg: Config) -> TransformConfig:
 def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints of a run folder, oldest first (a checkpoint is complete once its state file exists)."""
     found = [
-        p for p in directory.glob(f"{CHECKPOINT_PREFIX}*")
+        p
+        for p in directory.glob(f"{CHECKPOINT_PREFIX}*")
         if _CHECKPOINT_NAME.fullmatch(p.name) and (p / STATE_FILE).exists()
     ]
     return sorted(found, key=lambda p: p.name)
@@ -76,15 +77,24 @@ class LocalRuntime:
 
     def train_batches(self, epoch: int, skip_images: int) -> Iterable[dict]:
         return build_dataloader(
-            self.cfg.data.train, self.transforms, train=True, batch_size=self.cfg.train.batch_size,
-            seed=self.cfg.train.seed, epoch=epoch, skip=skip_images, num_workers=self.cfg.data.loader_workers,
+            self.cfg.data.train,
+            self.transforms,
+            train=True,
+            batch_size=self.cfg.train.batch_size,
+            seed=self.cfg.train.seed,
+            epoch=epoch,
+            skip=skip_images,
+            num_workers=self.cfg.data.loader_workers,
         )
 
     def val_batches(self) -> Iterable[dict] | None:
         if not self.cfg.data.val:
             return None
         return build_dataloader(
-            self.cfg.data.val, self.transforms, train=False, batch_size=self.cfg.train.batch_size,
+            self.cfg.data.val,
+            self.transforms,
+            train=False,
+            batch_size=self.cfg.train.batch_size,
             num_workers=self.cfg.data.loader_workers,
         )
 

@@ -76,7 +76,7 @@ def seed_step(seed: int, rank: int, step: int) -> None:
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """"auto": bf16 autocast on CUDA, none on CPU; "bf16" / "fp16" / "off" force it."""
+    """ "auto": bf16 autocast on CUDA, none on CPU; "bf16" / "fp16" / "off" force it."""
     if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[setting]
@@ -100,8 +100,14 @@ def accumulation_steps(cfg: Config, world_size: int) -> int:
             f"workers ({cfg.train.batch_size} x {world_size} = {per_step})"
         )
     accum = max(1, round(total / per_step))
-    log.warning("%d workers x batch %d cannot make a total batch of %d: training with %d (%d micro-batches)",
-                world_size, cfg.train.batch_size, total, accum * per_step, accum)
+    log.warning(
+        "%d workers x batch %d cannot make a total batch of %d: training with %d (%d micro-batches)",
+        world_size,
+        cfg.train.batch_size,
+        total,
+        accum * per_step,
+        accum,
+    )
     return accum
 
 
@@ -125,8 +131,13 @@ def fit(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         state = payload["state"]
-        log.info("resumed from %s at epoch %d, step %d, image %d of the epoch", resume, state.epoch, state.step,
-                 state.images_done)
+        log.info(
+            "resumed from %s at epoch %d, step %d, image %d of the epoch",
+            resume,
+            state.epoch,
+            state.step,
+            state.images_done,
+        )
     trained = runtime.wrap(model)
     accum = accumulation_steps(cfg, runtime.world_size)
     images_per_step = cfg.train.batch_size * runtime.world_size * accum
@@ -143,8 +154,15 @@ def fit(cfg: Config, runtime: Runtime) -> dict[str, Any]:
             directory = None
             if runtime.rank == 0:
                 directory = Path(tmp)
-                save_checkpoint(directory, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None,
-                                state=state, config=cfg.to_dict())
+                save_checkpoint(
+                    directory,
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=None,
+                    state=state,
+                    config=cfg.to_dict(),
+                )
             runtime.report(metrics, directory)
 
     def on_step(state: TrainState, step_metrics: dict[str, float]) -> None:
@@ -152,8 +170,13 @@ def fit(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         if runtime.rank == 0:
             runtime.log_step(state.step, {**step_metrics, "epoch": state.epoch})
             if state.step % cfg.train.log_every == 0:
-                log.info("epoch %d step %d (%d in epoch): %s", state.epoch, state.step, state.batches_done,
-                         _summary(step_metrics))
+                log.info(
+                    "epoch %d step %d (%d in epoch): %s",
+                    state.epoch,
+                    state.step,
+                    state.batches_done,
+                    _summary(step_metrics),
+                )
         if probe.enabled:
             probe.after_step(state.epoch, state.step)
         every = cfg.train.checkpoint_every_steps
@@ -172,8 +195,17 @@ def fit(cfg: Config, runtime: Runtime) -> dict[str, Any]:
             batches = probe.watch(batches)
         try:
             epoch_metrics = train_one_epoch(
-                trained, criterion, batches, optimizer, state, device=device, accum_steps=accum,
-                max_norm=cfg.train.clip_max_norm, amp_dtype=dtype, max_steps=max_steps, on_step=on_step,
+                trained,
+                criterion,
+                batches,
+                optimizer,
+                state,
+                device=device,
+                accum_steps=accum,
+                max_norm=cfg.train.clip_max_norm,
+                amp_dtype=dtype,
+                max_steps=max_steps,
+                on_step=on_step,
                 before_step=before_step,
             )
         except NonFiniteLossError:

@@ -74,12 +74,17 @@ class RayRuntime:
 
     def _batches(self, split: str, train: bool, epoch: int, skip: int) -> Iterable[dict]:
         ds = build_ray_dataset(
-            split, self.transforms, train=train, seed=self.cfg.train.seed, epoch=epoch, skip=skip,
-            rank=self.rank, world_size=self.world_size, num_cpus=self.cfg.data.map_cpus,
+            split,
+            self.transforms,
+            train=train,
+            seed=self.cfg.train.seed,
+            epoch=epoch,
+            skip=skip,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_cpus=self.cfg.data.map_cpus,
         )
-        return ds.iter_torch_batches(
-            batch_size=self.cfg.train.batch_size, collate_fn=DetrCollateFn(), drop_last=train
-        )
+        return ds.iter_torch_batches(batch_size=self.cfg.train.batch_size, collate_fn=DetrCollateFn(), drop_last=train)
 
     def train_batches(self, epoch: int, skip_images: int) -> Iterable[dict]:
         return self._batches(self.cfg.data.train, True, epoch, skip_images)
@@ -205,5 +210,10 @@ def init_local_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # The dashboard serves the State API that Ray Train's placement-group cleaner polls: without it the cleaner
     # takes a live run for dead, removes its placement group and so kills the workers.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-             configure_logging=False)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=False,
+    )
