@@ -102,6 +102,7 @@ class TrainConfig:
     # Ray Train
     num_workers: int = 2
     min_workers: int = 0  # > 0: elastic, starts with at least min_workers and grows to num_workers
+    elastic_resize_interval_s: float = 60.0  # elastic: how often Ray checks whether more workers fit now
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 3  # worker failures to recover from (from the latest checkpoint)

@@ -221,9 +221,14 @@ def test_elastic_run_starts_with_the_workers_that_fit(ray_local, dataset, tmp_pa
     trace = tmp_path / "trace.jsonl"
     monkeypatch.setenv(TRACE_VAR, str(trace))
     steps = 3
-    cfg = elastic_config(dataset, tmp_path, "elastic", f"train.max_steps_per_epoch={steps}")
+    cfg = elastic_config(
+        dataset, tmp_path, "elastic", f"train.max_steps_per_epoch={steps}", "train.elastic_resize_interval_s=5"
+    )
+    trainer = build_trainer(cfg, controller_failure_limit=1)
+    assert trainer.scaling_config.num_workers == (1, 4)
+    assert trainer.scaling_config.elastic_resize_monitor_interval_s == 5
     with hard_timeout(240):
-        result = build_trainer(cfg, controller_failure_limit=1).fit()
+        result = trainer.fit()
     assert result.error is None
     final = load_checkpoint(result.checkpoint.to_directory())
     assert final["state"].step == steps and final["state"].epoch == 1

@@ -178,7 +178,10 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+            num_workers=workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker},
+            elastic_resize_monitor_interval_s=t.elastic_resize_interval_s,
         ),
         run_config=RunConfig(
             name=t.name,
