@@ -314,3 +314,29 @@ def test_resuming_at_the_end_of_a_cut_short_epoch_trains_no_extra_step(shards, t
     )
     runtime.close()
     assert metrics == {} and state.step == 2
+
+
+def test_fp16_trains_through_a_grad_scaler_whose_state_is_resumed(shards, tmp_path):
+    """fp16 autocast (on the CPU here) scales the loss. The scaler starts at 2**16, where the tiny model's gradients
+    overflow: it skips those steps and halves its scale until they fit, then steps. Its state (scale, growth
+    tracker) is checkpointed: a run interrupted after step 6, once the scaler has settled, ends where the straight
+    run ends, scaler included (one that restarted at 2**16 would skip steps again)."""
+    overrides = ("train.amp=fp16", "train.epochs=1", "train.max_steps_per_epoch=8", "train.checkpoint_every_steps=1")
+    straight_cfg = tiny_config(shards, tmp_path, "fp16-straight", *overrides)
+    run_local(straight_cfg)
+    straight = load_checkpoint(list_checkpoints(tmp_path / "fp16-straight")[-1])
+    cfg = tiny_config(shards, tmp_path, "fp16-resumed", *overrides)
+    with pytest.raises(Interrupted):
+        run_local(cfg, interrupting_runtime(6))
+    run_local(cfg)
+    resumed = load_checkpoint(list_checkpoints(tmp_path / "fp16-resumed")[-1])
+
+    assert straight["state"].step == resumed["state"].step == 8
+    scaler = straight["scaler"]
+    assert scaler is not None and scaler["scale"] < 65536.0, "no overflow was ever met: the test shows nothing"
+    assert scaler["_growth_tracker"] > 0, "the scaler never let a step through"
+    assert resumed["scaler"] == scaler
+    for k, v in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][k], v, rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+    trained = [r for r in read_metrics(tmp_path / "fp16-straight") if r["kind"] == "step"]
+    assert any(math.isfinite(r["grad_norm"]) for r in trained) and math.isfinite(trained[-1]["loss"])

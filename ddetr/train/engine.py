@@ -60,6 +60,7 @@ def train_one_epoch(
     max_steps: int | None = None,
     on_step: Callable[[TrainState, dict[str, float]], None] | None = None,
     before_step: Callable[[TrainState], None] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """Train over `batches`, one optimizer step per `accum_steps` micro-batches.
 
@@ -67,6 +68,8 @@ def train_one_epoch(
     (averaged over workers), so an accumulated step has the gradient of one large batch. `state.step` and
     `state.batches_done` count optimizer steps; `on_step(state, metrics)` is called after each, and
     `before_step(state)` once its micro-batches are loaded, before the first forward (e.g. to seed dropout).
+    With a `scaler` (fp16 autocast), the loss is scaled before backward and the gradients unscaled before
+    clipping; a step whose gradients overflowed is skipped by the scaler, which then lowers its scale.
 
     Returns:
         Mean of every logged metric over the epoch ("loss", each weighted loss term, "class_error", ...), plus
@@ -94,7 +97,7 @@ def train_one_epoch(
                     outputs = model(batch["images"], batch["mask"])
                     losses = criterion(outputs, batch["targets"], num_boxes=num_boxes)
                 loss = criterion.total_loss(losses)
-                loss.backward()
+                (scaler.scale(loss) if scaler is not None else loss).backward()
             for k, v in losses.items():
                 logged[k] = logged.get(k, 0.0) + v.detach().item()
             logged["loss"] = logged.get("loss", 0.0) + loss.detach().item()
@@ -106,8 +109,14 @@ def train_one_epoch(
                 "last checkpoint with a lower train.lr or train.clip_max_norm. Loss terms: "
                 + ", ".join(f"{k}={v:.4g}" for k, v in sorted(logged.items()))
             )
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) if max_norm > 0 else None
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.batches_done += 1

@@ -123,6 +123,9 @@ def fit(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     model.to(device)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
+    dtype = amp_dtype(cfg.train.amp, device)
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     state = TrainState()
     resume = runtime.latest_checkpoint()
     if resume is not None:
@@ -130,6 +133,8 @@ def fit(cfg: Config, runtime: Runtime) -> dict[str, Any]:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
+        if scaler is not None and payload.get("scaler"):
+            scaler.load_state_dict(payload["scaler"])
         state = payload["state"]
         log.info(
             "resumed from %s at epoch %d, step %d, image %d of the epoch",
@@ -141,7 +146,6 @@ def fit(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     trained = runtime.wrap(model)
     accum = accumulation_steps(cfg, runtime.world_size)
     images_per_step = cfg.train.batch_size * runtime.world_size * accum
-    dtype = amp_dtype(cfg.train.amp, device)
     metrics: dict[str, Any] = dict(state.metrics)
     max_steps = cfg.train.max_steps_per_epoch or None
     probe = StepProbe(runtime.rank, runtime.world_size, runtime.local_run_dir(), state.step)
@@ -159,7 +163,7 @@ def fit(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                     model=model,
                     optimizer=optimizer,
                     scheduler=scheduler,
-                    scaler=None,
+                    scaler=scaler,
                     state=state,
                     config=cfg.to_dict(),
                 )
@@ -207,6 +211,7 @@ def fit(cfg: Config, runtime: Runtime) -> dict[str, Any]:
                 max_steps=max_steps,
                 on_step=on_step,
                 before_step=before_step,
+                scaler=scaler,
             )
         except NonFiniteLossError:
             log.error("stopping: the loss is not finite; the last good checkpoint is kept")
