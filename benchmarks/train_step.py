@@ -1,18 +1,23 @@
-"""Time one training step (forward, criterion, backward) of Deformable DETR on the CPU, per MSDA backend.
+"""Time one training step (forward, criterion, backward) of Deformable DETR, per MSDA backend, on CPU or GPU.
 
     python benchmarks/train_step.py                        # reference and cpp, deformable_detr, 2 x 320x480
     python benchmarks/train_step.py --backends reference --steps 2
+    python benchmarks/train_step.py --device cuda --amp bf16 --batch 4 --height 800 --width 1216
+
+On CUDA the clock waits for the device (synchronize) around each timed call, and the peak memory of one training
+step per backend (torch.cuda.max_memory_allocated, above what was allocated before) is recorded too.
 
 Besides the whole step it times each component alone, forward plus backward, on the inputs it receives in
 a real step: backbone (with input projections), encoder, decoder, matcher + criterion. Backends alternate
 run by run and the best of N is reported (the median too, in the JSON). Prints a table and
-writes JSON to benchmarks/results/train_step-cpu.json with the machine, torch, threads, commit and shapes.
+writes JSON to benchmarks/results/train_step-<device>.json with the machine, torch, threads, commit and shapes.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -26,10 +31,12 @@ import torch
 from ddetr.config import get_preset
 from ddetr.models import build_model
 
-RESULTS = Path(__file__).parent / "results" / "train_step-cpu.json"
+RESULTS_DIR = Path(__file__).parent / "results"
 
 
-def make_batch(batch: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+def make_batch(
+    batch: int, height: int, width: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, height, width, generator=g)
     mask = torch.zeros(batch, height, width, dtype=torch.bool)
@@ -39,7 +46,8 @@ def make_batch(batch: int, height: int, width: int) -> tuple[torch.Tensor, torch
         centre = torch.rand(n, 2, generator=g) * 0.6 + 0.2
         size = torch.rand(n, 2, generator=g) * 0.3 + 0.05
         targets.append({"labels": torch.randint(1, 91, (n,), generator=g), "boxes": torch.cat([centre, size], 1)})
-    return images, mask, targets
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    return images.to(device), mask.to(device), targets
 
 
 def _grad_like(x):
@@ -66,7 +74,12 @@ def _backward_sum(outputs) -> None:
 
 
 def setup_backend(
-    preset: str, backend: str, images: torch.Tensor, mask: torch.Tensor, targets: list[dict]
+    preset: str,
+    backend: str,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    targets: list[dict],
+    amp: torch.dtype | None = None,
 ) -> tuple[dict, list]:
     """The timed functions of one backend: "step" (the whole training step) and one per component.
 
@@ -77,11 +90,14 @@ def setup_backend(
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, msda_backend=backend))
     torch.manual_seed(0)  # same weights for every backend
     model, criterion, _ = build_model(cfg)
-    model.train()
+    model.to(images.device).train()
+    autocast = functools.partial(torch.autocast, images.device.type, dtype=amp, enabled=amp is not None)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        criterion.total_loss(criterion(model(images, mask), targets)).backward()
+        with autocast():
+            loss = criterion.total_loss(criterion(model(images, mask), targets))
+        loss.backward()
 
     # Inputs of each component, captured from one real forward.
     enc, dec = Capture(model.transformer.encoder), Capture(model.transformer.decoder)
@@ -99,11 +115,18 @@ def setup_backend(
             srcs.append(model.input_proj[lvl](features[-1][0] if lvl == len(features) else srcs[-1]))
         _backward_sum(srcs)
 
+    def under_autocast(fn):
+        def run() -> None:
+            with autocast():
+                fn()
+
+        return run
+
     fns = {
         "step": step,
-        "backbone": backbone,
-        "encoder": lambda: _backward_sum(model.transformer.encoder(*enc.args)),
-        "decoder": lambda: _backward_sum(model.transformer.decoder(*dec.args)),
+        "backbone": under_autocast(backbone),
+        "encoder": under_autocast(lambda: _backward_sum(model.transformer.encoder(*enc.args))),
+        "decoder": under_autocast(lambda: _backward_sum(model.transformer.decoder(*dec.args))),
         "matcher+criterion": lambda: criterion.total_loss(criterion(detached, targets)).backward(),
     }
     return fns, enc.args[1].tolist()
@@ -117,11 +140,30 @@ def run_interleaved(setups: dict[str, dict], steps: int, warmup: int) -> dict[st
     for name in names:
         for i in range(warmup + steps):
             for backend, fns in setups.items():
+                synchronize()
                 start = time.perf_counter()
                 fns[name]()
+                synchronize()
                 if i >= warmup:
                     times[backend][name].append(time.perf_counter() - start)
     return times
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def peak_step_mib(fns: dict) -> float | None:
+    """Peak CUDA memory of one training step above what was allocated before it; None on the CPU."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fns["step"]()
+    synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def git_commit() -> str:
@@ -131,13 +173,13 @@ def git_commit() -> str:
         return "unknown (no commit)"
 
 
-def cpp_available() -> tuple[bool, str]:
-    """Whether the compiled op builds and has a CPU kernel here; the reason when not."""
+def cpp_available(device_type: str) -> tuple[bool, str]:
+    """Whether the compiled op builds and has a kernel for `device_type` here; the reason when not."""
     try:
         from ddetr.ops import build
 
         build.load_extension()
-        return "cpu" in build.extension_devices(), "no CPU kernel"
+        return device_type in build.extension_devices(), f"no {device_type} kernel"
     except Exception as e:  # no build module yet, or a compiler error: report and skip the backend
         return False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
@@ -149,6 +191,9 @@ def print_table(results: dict) -> None:
     for name in next(iter(results.values()))["min_s"]:
         label = "full training step" if name == "step" else name
         print(f"{label:<24}" + "".join(f"{results[b]['min_s'][name]:>12.3f}" for b in backends))
+    print(f"{'images/s (step)':<24}" + "".join(f"{results[b]['images_per_s']:>12.2f}" for b in backends))
+    if all(results[b]["peak_step_mib"] is not None for b in backends):
+        print(f"{'peak step memory, MiB':<24}" + "".join(f"{results[b]['peak_step_mib']:>12.0f}" for b in backends))
     if "reference" in results and "cpp" in results:
         speedup = results["reference"]["min_s"]["step"] / results["cpp"]["min_s"]["step"]
         print(f"speed-up of the training step with the cpp op: {speedup:.2f}x")
@@ -164,27 +209,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast dtype of the step")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/train_step-<device>.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    out = args.out or RESULTS_DIR / f"train_step-{device.type}.json"
 
-    images, mask, targets = make_batch(args.batch, args.height, args.width)
+    images, mask, targets = make_batch(args.batch, args.height, args.width, device)
     setups, skipped, spatial = {}, {}, None
     for backend in args.backends:
         if backend == "cpp":
-            ok, why = cpp_available()
+            ok, why = cpp_available(device.type)
             if not ok:
                 skipped[backend] = why
                 print(f"skipping the cpp backend: {why}")
                 continue
-        setups[backend], spatial = setup_backend(args.preset, backend, images, mask, targets)
+        setups[backend], spatial = setup_backend(args.preset, backend, images, mask, targets, amp)
     times = run_interleaved(setups, args.steps, args.warmup)
     results = {
         b: {
             "min_s": {n: min(t) for n, t in per.items()},
             "median_s": {n: statistics.median(t) for n, t in per.items()},
             "all_s": per,
+            "images_per_s": args.batch / min(per["step"]),
+            "peak_step_mib": peak_step_mib(setups[b]),
         }
         for b, per in times.items()
     }
@@ -202,6 +254,8 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "amp": args.amp,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "commit": git_commit(),
@@ -212,11 +266,11 @@ def main() -> None:
         report["speedup_cpp_vs_reference"] = {
             stat: results["reference"][stat]["step"] / results["cpp"][stat]["step"] for stat in ("min_s", "median_s")
         }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(args.out)  # a reader never sees a half-written file
-    print(f"wrote {args.out}")
+    tmp.replace(out)  # a reader never sees a half-written file
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
