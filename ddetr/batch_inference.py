@@ -10,7 +10,6 @@ under a temporary name first. The pool grows from one actor to `max_actors` whil
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -19,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from ddetr.data.decode import decode_rgb
 from ddetr.data.shards import read_metadata, read_shard, shard_uris
+from ddetr.inference import coco_records
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class DetectBatch:
         self.detector = Detector.from_checkpoint(checkpoint, device=device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in batch["image"]]
+        images = [decode_rgb(data) for data in batch["image"]]
         detections = self.detector.predict(images)
         out: dict[str, Any] = {"image_id": np.asarray(batch["image_id"], dtype=np.int64)}
         for key in ("scores", "labels", "boxes"):
@@ -70,7 +70,7 @@ def predict_shards(
         use_gpu: one GPU per actor (default: when the cluster has GPUs).
 
     Returns:
-        {"images", "detections", "seconds", "images_per_s", "actors", "file"}.
+        {"images", "detections", "seconds", "images_per_s", "max_actors", "file"}.
     """
     import ray
     import ray.data
@@ -130,16 +130,9 @@ def predict_shards(
     seconds = time.perf_counter() - start
     _draw_first(uris, first, out, threshold, {c["id"]: c["name"] for c in meta.categories})
     summary = {"images": images, "detections": detections, "seconds": round(seconds, 2),
-               "images_per_s": round(images / seconds, 2), "actors": max_actors, "file": str(path)}  # fmt: skip
+               "images_per_s": round(images / seconds, 2), "max_actors": max_actors, "file": str(path)}  # fmt: skip
     log.info("%s", summary)
     return summary
-
-
-def coco_records(image_id: int, scores: np.ndarray, labels: np.ndarray, boxes: np.ndarray) -> list[dict[str, Any]]:
-    """One image's detections as COCO results; `boxes` (K, 4) xyxy become xywh. Labels are category ids."""
-    rows = zip(scores.tolist(), labels.tolist(), boxes.tolist(), strict=True)
-    return [{"image_id": image_id, "category_id": int(label), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score}
-            for score, label, (x0, y0, x1, y1) in rows]  # fmt: skip
 
 
 def _draw_first(
@@ -158,6 +151,5 @@ def _draw_first(
         for image_id, data in zip(table.column("image_id").to_pylist(), table.column("image").to_pylist(), strict=True):
             det = left.pop(image_id, None)
             if det is not None:
-                image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
                 tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in det.items()}
-                draw_detections(image, tensors, out / f"{image_id}.png", names=names, threshold=threshold)
+                draw_detections(decode_rgb(data), tensors, out / f"{image_id}.png", names=names, threshold=threshold)

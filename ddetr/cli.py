@@ -93,7 +93,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 0
     if not args.images:
         raise SystemExit("ddetr predict: give image files, or a shard folder with --shards")
-    from ddetr.inference import Detector, draw_detections
+    from ddetr.inference import Detector, coco_records, draw_detections
 
     detector = Detector.from_checkpoint(args.checkpoint, device=args.device)
     out = Path(args.out)
@@ -102,17 +102,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     records = []
     for i, (path, det) in enumerate(zip(args.images, detections, strict=True)):
         draw_detections(path, det, out / f"{Path(path).stem}.png", threshold=args.threshold)
-        rows = zip(det["scores"].tolist(), det["labels"].tolist(), det["boxes"].tolist(), strict=True)
-        for score, label, (x0, y0, x1, y1) in rows:
-            records.append(
-                {
-                    "image_id": i,
-                    "file_name": str(path),
-                    "category_id": label,
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "score": score,
-                }
-            )
+        found = coco_records(i, det["scores"].numpy(), det["labels"].numpy(), det["boxes"].numpy())
+        records += [{**r, "file_name": str(path)} for r in found]
     tmp = out / "detections.json.tmp"
     tmp.write_text(json.dumps(records))
     tmp.replace(out / "detections.json")

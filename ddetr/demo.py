@@ -6,7 +6,6 @@ It writes a results folder: `metrics.json` (the last epoch's metrics), `curves.p
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -14,9 +13,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ddetr.config import Config, apply_overrides, get_preset
+from ddetr.data.decode import decode_rgb
 from ddetr.data.shards import read_metadata
 
 log = logging.getLogger(__name__)
@@ -109,7 +108,7 @@ def write_results(out: Path, cfg: Config, run: Path, metrics: dict) -> None:
     pictures.mkdir(exist_ok=True)
     rows = read_shard(shard_uris(cfg.data.val, meta)[0], ["image_id", "image", "boxes"]).slice(0, 8).to_pylist()
     for row in rows:
-        image = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+        image = decode_rgb(row["image"])
         det = detector.predict([image])[0]
         xywh = np.asarray(row["boxes"], dtype=np.float32).reshape(-1, 4)  # flat in the shard
         truth = [(x, y, x + w, y + h) for x, y, w, h in xywh.tolist()]

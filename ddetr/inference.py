@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,6 +80,13 @@ class Detector:
             images = [np.asarray(Image.open(p).convert("RGB")) for p in paths[i : i + batch_size]]
             results.extend(self.predict(images))
         return results
+
+
+def coco_records(image_id: int, scores: np.ndarray, labels: np.ndarray, boxes: np.ndarray) -> list[dict[str, Any]]:
+    """One image's detections as COCO results; `boxes` (K, 4) xyxy become xywh. Labels are category ids."""
+    rows = zip(scores.tolist(), labels.tolist(), boxes.tolist(), strict=True)
+    return [{"image_id": image_id, "category_id": int(label), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score}
+            for score, label, (x0, y0, x1, y1) in rows]  # fmt: skip
 
 
 def draw_detections(

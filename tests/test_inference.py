@@ -101,7 +101,7 @@ def test_batch_inference_over_shards_with_an_actor_pool(ray_local, hard_timeout,
         summary = predict_shards(checkpoint, dataset.val_shards, tmp_path, batch_size=4, max_actors=2,
                                  cpus_per_actor=0.5, draw=2, threshold=0.0)  # fmt: skip
     images = val_images(dataset)
-    assert summary["images"] == len(images) == 10 and summary["actors"] == 2
+    assert summary["images"] == len(images) == 10 and summary["max_actors"] == 2
     records = by_image(json.loads((tmp_path / "detections.json").read_text()))
     assert sorted(records) == sorted(images)  # every image once, across 3 shards and several actors
     assert summary["detections"] == sum(len(v) for v in records.values())

@@ -59,6 +59,11 @@ def decode_failures() -> int:
     return _failures
 
 
+def decode_rgb(data: bytes) -> np.ndarray:
+    """One encoded image as it is: the (H, W, 3) uint8 RGB array (inference, drawing)."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
 def decode_image(data: bytes, orig_size: tuple[int, int], geo: Geometry) -> np.ndarray:
     """Decode, crop, resize and flip one encoded image as ``geo`` says.
 

@@ -76,7 +76,7 @@ def seed_step(seed: int, rank: int, step: int) -> None:
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """ "auto": bf16 autocast on CUDA, none on CPU; "bf16" / "fp16" / "off" force it."""
+    """The autocast dtype of `train.amp`: "auto" is bf16 on CUDA and none on CPU; "bf16" / "fp16" / "off" force it."""
     if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[setting]
