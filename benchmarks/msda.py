@@ -163,6 +163,7 @@ def variants(device: str) -> list[tuple[str, str, torch.dtype]]:
             ("reference fp32", "reference", torch.float32),
             ("cuda fp32", "cpp", torch.float32),
             ("cuda bf16", "cpp", torch.bfloat16),
+            ("cuda fp16", "cpp", torch.float16),
         ]
     return [("reference fp32", "reference", torch.float32), ("cpp fp32", "cpp", torch.float32)]
 

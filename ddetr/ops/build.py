@@ -1,12 +1,11 @@
 """Build and load the compiled multi-scale deformable attention op (`csrc/`), on first use only.
 
 `load_extension()` compiles `csrc/` with ninja through `torch.utils.cpp_extension.load` the first time it is called
-in a process (later processes reuse the cached build), loads it as `torch.ops.ddetr.*`, and registers the op's
-autograd formula and its fake kernel (shape inference for `torch.compile`). Nothing here runs at import time.
+in a process (later processes reuse the cached build), loads it as `torch.ops.ddetr.*`, and has
+`ms_deform_attn.register_python_parts` register the op's autograd formula and its fake kernels (shape inference for
+`torch.compile`). Nothing here runs at import time.
 
 `build_extension()` does the same eagerly; `ddetr op build` calls it when a cluster node is set up.
-`compile_cuda_check()` compiles the CUDA kernel with nvcc without loading it, so the CUDA sources are checked on
-machines that have nvcc but no GPU.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -25,7 +23,16 @@ import torch
 
 logger = logging.getLogger("ddetr.ops")
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+def _sources_folder() -> Path:
+    """The op's C++/CUDA sources: `ddetr/_csrc` in an installed wheel (setup.py copies them there), else the
+    checkout's top-level `csrc/` (editable installs and a plain clone)."""
+    package = Path(__file__).resolve().parents[1]
+    shipped = package / "_csrc"
+    return shipped if shipped.is_dir() else package.parent / "csrc"
+
+
+CSRC = _sources_folder()
 _CPU_SOURCES = ("ms_deform_attn.cpp", "ms_deform_attn_cpu.cpp")
 _CUDA_SOURCE = "ms_deform_attn_cuda.cu"
 _CFLAGS = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP inlined from the headers: without -fopenmp it is serial
@@ -117,7 +124,10 @@ def build_extension(verbose: bool = False) -> Path:
         message = str(err) if detail.strip() in str(err) else f"{err}\n{detail}"
         raise ExtensionBuildError(f"building {name} from {CSRC} failed: {message}".strip()) from err
     logger.debug("ddetr.ops: %s ready in %.1f s (%s)", name, time.perf_counter() - start, directory)
-    _register_python_parts()
+    # The op's autograd formula and fake kernels live beside the op; imported here, when the library exists.
+    from ddetr.ops.ms_deform_attn import register_python_parts
+
+    register_python_parts()
     return directory / f"{name}.so"
 
 
@@ -152,107 +162,3 @@ def deterministic_backward() -> bool:
     """Bitwise-reproducible backward on CUDA: DDETR_MSDA_DETERMINISTIC=1 or torch.use_deterministic_algorithms."""
     flag = os.environ.get("DDETR_MSDA_DETERMINISTIC", "0").strip().lower() in ("1", "true", "yes", "on")
     return flag or torch.are_deterministic_algorithms_enabled()
-
-
-_registered = False
-
-
-def _register_python_parts() -> None:
-    """Autograd formula and fake kernels of the ops; once per process, after the library is loaded."""
-    global _registered
-    if _registered:
-        return
-    torch.library.register_fake("ddetr::ms_deform_attn_forward")(_forward_fake)
-    torch.library.register_fake("ddetr::ms_deform_attn_backward")(_backward_fake)
-    torch.library.register_autograd("ddetr::ms_deform_attn_forward", _backward, setup_context=_setup_context)
-    _registered = True
-
-
-def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    N, _, M, D = value.shape
-    return value.new_empty(N, sampling_locations.shape[1], M * D)
-
-
-def _backward_fake(
-    grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, deterministic
-):
-    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, grad_output):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-    grad_value, grad_locations, grad_weights = torch.ops.ddetr.ms_deform_attn_backward(
-        grad_output.contiguous(),
-        value,
-        spatial_shapes,
-        level_start_index,
-        sampling_locations,
-        attention_weights,
-        deterministic_backward(),
-    )
-    return grad_value, None, None, grad_locations, grad_weights
-
-
-def compile_cuda_check(out_dir: str | os.PathLike, arch_list: str | None = None, verbose: bool = False) -> Path:
-    """Compile the CUDA kernel to an object file with nvcc, with torch's headers and flags; nothing is loaded.
-
-    The CPU wheel of torch ships the CUDA headers of ATen and c10, so this checks the .cu on a machine without a GPU.
-
-    Args:
-        out_dir: folder for the object file.
-        arch_list: e.g. "8.0;9.0"; default $TORCH_CUDA_ARCH_LIST, else "9.0" (one target keeps it quick).
-        verbose: print the nvcc command.
-
-    Returns:
-        The path of the object file.
-
-    Raises:
-        FileNotFoundError: no nvcc. ExtensionBuildError: nvcc failed; the message holds its output.
-    """
-    from torch.utils import cpp_extension
-
-    nvcc = nvcc_path()
-    if nvcc is None:
-        raise FileNotFoundError("nvcc not found: set CUDA_HOME or put nvcc on PATH")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    obj = out / "ms_deform_attn_cuda.o"
-    arch_list = arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or "9.0"
-    gencode = []
-    for arch in arch_list.replace(",", ";").replace(" ", ";").split(";"):
-        if arch:
-            num = arch.removesuffix("+PTX").replace(".", "")
-            gencode.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-    # nvcc adds the toolkit's own include folder itself.
-    includes = [*cpp_extension.include_paths("cpu"), str(CSRC), sysconfig.get_paths()["include"]]
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    # A CPU wheel lacks c10/cuda/impl/cuda_cmake_macros.h (generated by CUDA builds; it only sets Windows export
-    # macros), so skip it when the wheel has no CUDA.
-    macros = [] if torch.version.cuda else ["-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]
-    cmd = [
-        str(nvcc),
-        "-c",
-        str(CSRC / _CUDA_SOURCE),
-        "-o",
-        str(obj),
-        *(f"-I{p}" for p in includes),
-        *cpp_extension.COMMON_NVCC_FLAGS,
-        *_CUDA_CFLAGS,
-        "-std=c++20",  # as torch.utils.cpp_extension passes it to nvcc
-        *gencode,
-        "--compiler-options",
-        "-fPIC",
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-        *macros,
-        "-DTORCH_EXTENSION_NAME=ddetr_msda_cuda",
-    ]
-    if verbose:
-        print(" ".join(cmd))
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ExtensionBuildError(f"nvcc failed ({result.returncode}):\n{result.stderr}{result.stdout}")
-    return obj

@@ -17,21 +17,21 @@ class MSDeformAttn(nn.Module):
     Args:
         d_model: channels of queries and values (split over heads).
         n_levels: feature levels L.
-        n_heads: attention heads M; d_model must divide by it.
+        nheads: attention heads M; d_model must divide by it.
         n_points: sampling points P per head and level.
         backend: passed to `ms_deform_attn` (None: the environment's choice).
     """
 
     def __init__(
-        self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, backend: str | None = None
+        self, d_model: int = 256, n_levels: int = 4, nheads: int = 8, n_points: int = 4, backend: str | None = None
     ) -> None:
         super().__init__()
-        if d_model % n_heads != 0:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        if d_model % nheads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by nheads ({nheads})")
+        self.d_model, self.n_levels, self.nheads, self.n_points = d_model, n_levels, nheads, n_points
         self.backend = backend
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.sampling_offsets = nn.Linear(d_model, nheads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, nheads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
         self.reset_parameters()
@@ -39,11 +39,11 @@ class MSDeformAttn(nn.Module):
     def reset_parameters(self) -> None:
         """The paper's initialisation: offsets start on a ring, one direction per head, point i at radius i+1."""
         nn.init.zeros_(self.sampling_offsets.weight)
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        thetas = torch.arange(self.nheads, dtype=torch.float32) * (2.0 * math.pi / self.nheads)
         grid = torch.stack([thetas.cos(), thetas.sin()], -1)
         # Scale each direction so its larger coordinate is 1: the first point lands on a neighbouring pixel.
         grid = grid / grid.abs().max(-1, keepdim=True).values
-        grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid.view(self.nheads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
         grid *= torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
         with torch.no_grad():
             self.sampling_offsets.bias.copy_(grid.view(-1))
@@ -79,7 +79,7 @@ class MSDeformAttn(nn.Module):
         """
         N, Lq, _ = query.shape
         S = input_flatten.shape[1]
-        M, L, P = self.n_heads, self.n_levels, self.n_points
+        M, L, P = self.nheads, self.n_levels, self.n_points
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)

@@ -1,7 +1,10 @@
-"""The public multi-scale deformable attention function.
+"""The public multi-scale deformable attention function, and the Python parts of the compiled op.
 
-`ms_deform_attn` checks its arguments once, then runs one backend: the reference in `reference.py`
-or the compiled op (`csrc/`, built on first use by `build.py`). The choice of backend is made in `select_backend`.
+`ms_deform_attn` checks its arguments once, then runs one backend: the reference in `reference.py`, the gather
+formulation in `gather.py` (what torch.export and ONNX see) or the compiled op (`csrc/`, built on first use by
+`build.py`). The choice of backend is made in `select_backend`.
+`register_python_parts` gives the compiled op its autograd formula and its fake kernels (shapes for torch.compile);
+the loader calls it once the library is loaded, never at import time.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import warnings
 import torch
 
 from ddetr.ops import build
+from ddetr.ops.gather import ms_deform_attn_gather
 from ddetr.ops.reference import ms_deform_attn_reference
 
 logger = logging.getLogger("ddetr.ops")
 
-BACKENDS = ("auto", "cpp", "reference")
+BACKENDS = ("auto", "cpp", "reference", "gather")
 _logged: set[tuple[str, str, str]] = set()
 _warned_fallback = False
 
@@ -39,7 +43,8 @@ def ms_deform_attn(
         sampling_locations: (N, Lq, M, L, P, 2) normalised (x, y); (0, 0) is the top-left corner of the map,
             (1, 1) the bottom-right one; points outside read zeros.
         attention_weights: (N, Lq, M, L, P), usually softmax-normalised over (L, P).
-        backend: "auto", "cpp" or "reference"; None reads the environment variable DDETR_MSDA (default "auto").
+        backend: "auto", "cpp", "reference" or "gather"; None reads the environment variable DDETR_MSDA
+            (default "auto").
             See `select_backend`. The backward of the compiled op on CUDA is bitwise reproducible when
             DDETR_MSDA_DETERMINISTIC=1 or torch.use_deterministic_algorithms(True); on CPU it always is.
 
@@ -47,21 +52,32 @@ def ms_deform_attn(
         (N, Lq, M * D) tensor of value's dtype.
     """
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if select_backend(backend, value.device) == "cpp":
+    resolved = select_backend(backend, value.device)
+    if resolved == "cpp":
         return torch.ops.ddetr.ms_deform_attn_forward(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
+    if resolved == "gather":
+        return ms_deform_attn_gather(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if spatial_shapes.device.type != "cpu" and not torch.compiler.is_compiling():
+        # The reference reads the level shapes back to the host anyway, so checking them here costs nothing more.
+        check_levels(spatial_shapes, level_start_index, value.shape[1])
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 def select_backend(backend: str | None, device: torch.device) -> str:
-    """The one place that decides which implementation runs; returns "cpp" or "reference".
+    """The one place that decides which implementation runs; returns "cpp", "reference" or "gather".
 
     - "reference": the pure-PyTorch `ms_deform_attn_reference`.
+    - "gather": the pure-PyTorch `ms_deform_attn_gather` (gathers and bilinear weights, no `grid_sample`).
     - "cpp": the compiled op; raises `build.ExtensionBuildError` when it cannot be built, and RuntimeError for a
       device it has no kernel for.
     - "auto" (default): the compiled op when it builds and covers `device`, else the reference. A failed build
       is reported once per process with a warning that quotes the compiler's error.
+
+    While torch.export or torch.onnx.export traces the model the answer is "gather" whatever was asked: the
+    compiled op has no ONNX translation, and the reference reads the level sizes back as Python numbers, which
+    would fix the image size into the graph.
 
     Args:
         backend: one of BACKENDS, or None to read DDETR_MSDA (unset: "auto").
@@ -71,8 +87,10 @@ def select_backend(backend: str | None, device: torch.device) -> str:
     choice = (backend or os.environ.get("DDETR_MSDA") or "auto").strip().lower()
     if choice not in BACKENDS:
         raise ValueError(f"MSDA backend must be one of {BACKENDS} (argument or DDETR_MSDA), got {choice!r}")
-    resolved = "reference"
-    if choice != "reference":
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return "gather"
+    resolved = "gather" if choice == "gather" else "reference"
+    if choice not in ("reference", "gather"):
         try:
             build.load_extension()
         except build.ExtensionBuildError as err:
@@ -110,7 +128,13 @@ def check_inputs(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> None:
-    """Raise a ValueError or TypeError naming the argument and the expected shape when the inputs disagree."""
+    """Raise a ValueError or TypeError naming the argument and the expected shape when the inputs disagree.
+
+    Shapes, dtypes and devices are checked for every input. The level shapes' values (their sizes sum to S, the
+    starts are their running sums) are checked here only when they are CPU tensors: reading CUDA tensors back
+    would synchronise the host with the device on every call. On CUDA the compiled kernels check them on the
+    device, and the reference path calls `check_levels` itself (it reads them to the host anyway).
+    """
     if value.dim() != 4:
         raise ValueError(f"value must be (N, S, M, D), got shape {tuple(value.shape)}")
     N, S, M, D = value.shape
@@ -153,17 +177,77 @@ def check_inputs(
     ):
         if t.device != value.device:
             raise ValueError(f"{name} is on {t.device} but value is on {value.device}: all inputs must share a device")
-    if not torch.compiler.is_compiling():
+    if spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling():
         # Data-dependent checks; under torch.compile they would break the graph.
-        sizes = spatial_shapes.prod(1)
-        if int(sizes.sum()) != S:
-            raise ValueError(
-                f"spatial_shapes {spatial_shapes.tolist()} cover {int(sizes.sum())} positions "
-                f"but value has S = {S}: the level shapes must sum to S"
-            )
-        expected_starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
-        if not torch.equal(level_start_index.to(expected_starts.dtype), expected_starts):
-            raise ValueError(
-                f"level_start_index {level_start_index.tolist()} does not match spatial_shapes "
-                f"(expected {expected_starts.tolist()})"
-            )
+        check_levels(spatial_shapes, level_start_index, S)
+
+
+def check_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int) -> None:
+    """Raise a ValueError when the level sizes do not sum to S or level_start_index is not their running sum.
+
+    Reads both tensors on the host: a device synchronisation for CUDA tensors (see `check_inputs`).
+    """
+    sizes = spatial_shapes.prod(1)
+    total = int(sizes.sum())
+    if total != S:
+        raise ValueError(
+            f"spatial_shapes {spatial_shapes.tolist()} cover {total} positions "
+            f"but value has S = {S}: the level shapes must sum to S"
+        )
+    expected_starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    if not torch.equal(level_start_index.to(expected_starts.dtype), expected_starts):
+        raise ValueError(
+            f"level_start_index {level_start_index.tolist()} does not match spatial_shapes "
+            f"(expected {expected_starts.tolist()})"
+        )
+
+
+# --- The compiled op's autograd formula and fake kernels ---
+
+_registered = False
+
+
+def register_python_parts() -> None:
+    """Register the autograd formula and the fake kernels of `torch.ops.ddetr.*`; once per process.
+
+    Called by `build.build_extension` right after the library is loaded (the ops must exist to register on).
+    """
+    global _registered
+    if _registered:
+        return
+    torch.library.register_fake("ddetr::ms_deform_attn_forward")(_forward_fake)
+    torch.library.register_fake("ddetr::ms_deform_attn_backward")(_backward_fake)
+    torch.library.register_autograd("ddetr::ms_deform_attn_forward", _backward, setup_context=_setup_context)
+    _registered = True
+
+
+def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    N, _, M, D = value.shape
+    return value.new_empty(N, sampling_locations.shape[1], M * D)
+
+
+def _backward_fake(
+    grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, deterministic
+):
+    # The kernels return contiguous gradients whatever the inputs' strides are; empty_like would copy those strides.
+    return tuple(
+        torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (value, sampling_locations, attention_weights)
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_locations, grad_weights = torch.ops.ddetr.ms_deform_attn_backward(
+        grad_output.contiguous(),
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        build.deterministic_backward(),
+    )
+    return grad_value, None, None, grad_locations, grad_weights
