@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ddetr import io
 from ddetr.config import Config, apply_overrides, get_preset
 from ddetr.data.synthetic import make_synthetic_coco
 from ddetr.train.local import LocalRuntime
@@ -93,7 +94,7 @@ def run_ray(args: argparse.Namespace, data: str, storage: str, name: str, thread
         f"data.map_cpus={args.map_cpus}",
     )
     start = time.time()
-    result = build_trainer(cfg, controller_failure_limit=0).fit()
+    result = build_trainer(apply_overrides(cfg, ["train.controller_failure_limit=0"])).fit()
     total = time.time() - start
     if result.error is not None:
         raise result.error
@@ -206,10 +207,7 @@ def main() -> None:
         },
     }
     print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(report, indent=1))
-    os.replace(tmp_out, args.out)
+    io.atomic_write(args.out, json.dumps(report, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ddetr import io
 from ddetr.config import get_preset
 from ddetr.models import build_model
 
@@ -89,7 +90,7 @@ def setup_backend(
     cfg = get_preset(preset)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, msda_backend=backend))
     torch.manual_seed(0)  # same weights for every backend
-    model, criterion, _ = build_model(cfg)
+    model, criterion, _ = build_model(cfg, load_backbone_weights=False)  # timing only: nothing to fetch offline
     model.to(images.device).train()
     autocast = functools.partial(torch.autocast, images.device.type, dtype=amp, enabled=amp is not None)
 
@@ -266,10 +267,7 @@ def main() -> None:
         report["speedup_cpp_vs_reference"] = {
             stat: results["reference"][stat]["step"] / results["cpp"][stat]["step"] for stat in ("min_s", "median_s")
         }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)  # a reader never sees a half-written file
+    io.atomic_write(out, json.dumps(report, indent=2))  # a reader never sees a half-written file
     print(f"wrote {out}")
 
 

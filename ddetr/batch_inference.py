@@ -5,7 +5,9 @@
 Shards are read by Ray Data's Parquet reader (image bytes and ids only), decoded and detected in `DetectBatch`
 actors (each loads the checkpoint once, on a GPU when the cluster has them), and the detections stream back to
 the driver, which writes them as COCO results (`detections.json`: image_id, category_id, bbox xywh, score)
-under a temporary name first. The pool grows from one actor to `max_actors` while there is work.
+under a temporary name first. The pool grows from one actor to `max_actors` while there is work: on an autoscaling
+cluster, `max_actors` comes from what the node types can grow to (`ddetr.cluster.cluster_maxima`), not from the
+nodes up now, so a pool started on an empty cluster grows as the autoscaler adds nodes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ddetr import io
 from ddetr.data.decode import decode_rgb
 from ddetr.data.shards import read_metadata, read_shard, shard_uris
 from ddetr.inference import coco_records
@@ -66,8 +69,9 @@ def predict_shards(
     """Detect objects in every image of a shard folder; write `out/detections.json` and draw the first `draw`.
 
     Args:
-        max_actors: largest actor pool (default: the cluster's GPUs, or its CPUs / `cpus_per_actor`).
-        use_gpu: one GPU per actor (default: when the cluster has GPUs).
+        max_actors: largest actor pool (default: the GPUs, or the CPUs / `cpus_per_actor`, the cluster can grow
+            to, else that it has now).
+        use_gpu: one GPU per actor (default: when the cluster has or can add GPUs).
 
     Returns:
         {"images", "detections", "seconds", "images_per_s", "max_actors", "file"}.
@@ -80,11 +84,7 @@ def predict_shards(
     init_local_ray()
     meta = read_metadata(split_dir)
     uris = shard_uris(split_dir, meta)
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    use_gpu = gpus > 0 if use_gpu is None else use_gpu
-    if max_actors is None:
-        max_actors = gpus if use_gpu else max(1, int(resources.get("CPU", 1) // cpus_per_actor))
+    max_actors, use_gpu = pool_size(max_actors, use_gpu, cpus_per_actor)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = str(Path(checkpoint).resolve()) if "://" not in str(checkpoint) else str(checkpoint)
@@ -105,10 +105,9 @@ def predict_shards(
              "GPU" if use_gpu else "CPU")  # fmt: skip
     start = time.perf_counter()
     path = out / DETECTIONS_FILE
-    tmp = path.with_name(path.name + ".tmp")
     images = detections = 0
     first: dict[int, dict[str, np.ndarray]] = {}
-    with open(tmp, "w") as f:
+    with io.atomic_open(path) as f:
         f.write("[")
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
             for image_id, scores, labels, boxes in zip(
@@ -124,15 +123,27 @@ def predict_shards(
             if images % max(batch_size * 25, 1) < batch_size:
                 log.info("%d / %d images", images, meta.num_images)
         f.write("]")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     seconds = time.perf_counter() - start
     _draw_first(uris, first, out, threshold, {c["id"]: c["name"] for c in meta.categories})
     summary = {"images": images, "detections": detections, "seconds": round(seconds, 2),
                "images_per_s": round(images / seconds, 2), "max_actors": max_actors, "file": str(path)}  # fmt: skip
     log.info("%s", summary)
     return summary
+
+
+def pool_size(max_actors: int | None, use_gpu: bool | None, cpus_per_actor: float) -> tuple[int, bool]:
+    """(largest actor pool, GPU actors) for `predict_shards`: the arguments when given, else from what the cluster
+    can grow to (its node types' maxima), else from what is up now; at least one actor."""
+    import ray
+
+    from ddetr.cluster import cluster_maxima
+
+    resources = cluster_maxima() or ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = gpus > 0 if use_gpu is None else use_gpu
+    if max_actors is None:
+        max_actors = gpus if use_gpu else int(resources.get("CPU", 1) // cpus_per_actor)
+    return max(1, max_actors), use_gpu
 
 
 def _draw_first(

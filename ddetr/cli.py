@@ -7,7 +7,12 @@ ddetr predict --checkpoint PATH IMAGE... --out DIR
 ddetr predict --checkpoint PATH --shards DIR --out DIR   batch inference with a Ray Data actor pool
 ddetr data synth --out DIR [--images N]
 ddetr data convert --images DIR --annotations FILE.json --out DIR [--strict]
+ddetr export --format hf CHECKPOINT DIR      a Hugging Face DeformableDetrForObjectDetection folder
+ddetr export --format onnx CHECKPOINT OUT.onnx [--top-k 100]   ONNX, dynamic batch and size, optional top-k
 ddetr op build                               prebuild the compiled op (cluster setup commands)
+ddetr serve --checkpoint PATH [--port 8000]  online detection on Ray Serve: POST /detect, GET /healthz
+ddetr submit train|eval|predict|tune|run ... | --list | --follow JOB | --stop JOB    Ray Jobs on a cluster
+ddetr tune --data DIR --space tune/spaces/default.yaml [--max-concurrent N]          a Ray Tune sweep
 """
 
 from __future__ import annotations
@@ -15,50 +20,36 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from ddetr.config import PRESETS, Config, apply_overrides, get_preset
+from ddetr.config import PRESETS, ConfigError, build_config, split_dirs
+
+log = logging.getLogger("ddetr")
 
 
-def split_dirs(data: str) -> tuple[str, str]:
-    """(train, val) shard folders under `data`: DIR/{train,val}, or DIR/shards/{train,val} (`ddetr data synth`)."""
-    root = Path(data)
-    if (root / "shards").is_dir():
-        root = root / "shards"
-    if "://" in data:
-        return f"{data.rstrip('/')}/train", f"{data.rstrip('/')}/val"
-    train, val = root / "train", root / "val"
-    return (str(train) if train.exists() else "", str(val) if val.exists() else "")
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the input was wrong, not the program: one line, exit status 2."""
+    from ddetr.data.shards import DataError
+    from ddetr.data.validate import BadRecordError
+    from ddetr.train.checkpoints import CorruptCheckpointError
 
-
-def load_config_file(path: str) -> Config:
-    """A config saved as JSON (`Config.to_json()`, e.g. a sweep's best configuration)."""
-    try:
-        return Config.from_dict(json.loads(Path(path).read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: cannot read config file {path}: {e}") from e
-
-
-def build_config(preset: str, data: str | None, overrides: list[str], config_file: str | None = None) -> Config:
-    """A preset (or a config file), its data folders and their number of classes, then the user's overrides."""
-    cfg = load_config_file(config_file) if config_file else get_preset(preset)
-    defaults = []
-    if data:
-        train, val = split_dirs(data)
-        if not train and not val:
-            raise SystemExit(f"error: no shard folders train/ or val/ under {data} (make them with `ddetr data`)")
-        defaults += [f"data.train={train}", f"data.val={val}"]
-        from ddetr.data.shards import read_metadata
-
-        defaults.append(f"model.num_classes={read_metadata(train or val).num_classes}")
-    return apply_overrides(cfg, defaults + overrides)
+    return (
+        ConfigError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        BadRecordError,
+        DataError,
+        CorruptCheckpointError,
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ddetr.train import train
 
-    cfg = build_config(args.preset, args.data, args.overrides, args.config)
+    cfg = build_config(args.preset, args.data, args.overrides, args.config or "")
     metrics = train(cfg, engine=args.engine, resume=args.resume)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2, sort_keys=True))
     return 0
@@ -67,15 +58,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ddetr.data.coco_eval import CocoEvaluator
     from ddetr.data.loader import build_dataloader
+    from ddetr.data.transforms import TransformConfig
     from ddetr.inference import Detector
     from ddetr.train.engine import predict_batches
-    from ddetr.train.local import transform_config
 
-    detector = Detector.from_checkpoint(args.checkpoint, device=args.device)
     _, val = split_dirs(args.data)
     if not val:
-        raise SystemExit(f"error: no validation shards (val/) under {args.data}")
-    loader = build_dataloader(val, transform_config(detector.cfg), train=False, batch_size=args.batch_size)
+        raise ConfigError(f"no validation shards (val/) under {args.data}")
+    detector = Detector.from_checkpoint(args.checkpoint, device=args.device)
+    transforms = TransformConfig().scaled(detector.cfg.data.scale)
+    loader = build_dataloader(val, transforms, train=False, batch_size=args.batch_size)
     predictions = predict_batches(detector.model, detector.postprocess, loader, device=detector.device)
     metrics = CocoEvaluator.from_shards(val).evaluate(predictions)
     print(json.dumps(metrics, indent=2))
@@ -92,23 +84,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
               f"({summary['images_per_s']} images/s)")  # fmt: skip
         return 0
     if not args.images:
-        raise SystemExit("ddetr predict: give image files, or a shard folder with --shards")
+        raise ConfigError("ddetr predict: give image files, or a shard folder with --shards")
+    from ddetr import io
     from ddetr.inference import Detector, coco_records, draw_detections
 
     detector = Detector.from_checkpoint(args.checkpoint, device=args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     detections = detector.predict_files(args.images, batch_size=args.batch_size)
     records = []
-    for i, (path, det) in enumerate(zip(args.images, detections, strict=True)):
-        draw_detections(path, det, out / f"{Path(path).stem}.png", threshold=args.threshold)
+    for i, (path, det) in enumerate(detections.items()):
+        draw_detections(path, det, io.join(args.out, f"{Path(path).stem}.png"), threshold=args.threshold)
         found = coco_records(i, det["scores"].numpy(), det["labels"].numpy(), det["boxes"].numpy())
         records += [{**r, "file_name": str(path)} for r in found]
-    tmp = out / "detections.json.tmp"
-    tmp.write_text(json.dumps(records))
-    tmp.replace(out / "detections.json")
-    print(f"{len(args.images)} images: detections in {out / 'detections.json'}, drawings in {out}")
-    return 0
+    io.atomic_write(io.join(args.out, "detections.json"), json.dumps(records))
+    skipped = len(args.images) - len(detections)
+    print(
+        f"{len(detections)} images: detections in {io.join(args.out, 'detections.json')}, drawings in {args.out}"
+        + (f" ({skipped} unreadable file{'s' * (skipped > 1)} skipped)" if skipped else "")
+    )
+    return 0 if detections else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -137,6 +130,46 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from ddetr.jobs import run
+
+    return run(args)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from ddetr.sweep.driver import run
+
+    return run(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "onnx":
+        from ddetr.deploy.onnx import export_onnx
+
+        path = export_onnx(args.checkpoint, args.out, top_k=args.top_k)
+        print(f"exported {args.checkpoint} as ONNX: {path}" + (f" (top {args.top_k} detections)" if args.top_k else ""))
+        return 0
+    from ddetr import io
+    from ddetr.inference import PREPROCESSOR_FILE, hf_preprocessor_config
+    from ddetr.models.weights import export_hf, read_weights
+
+    folder = export_hf(args.checkpoint, args.out)
+    run = read_weights(args.checkpoint).run_config  # the image size it was trained at, for the image processor
+    scale = run.data.scale if run is not None else 1.0
+    io.atomic_write(io.join(str(folder), PREPROCESSOR_FILE), json.dumps(hf_preprocessor_config(scale), indent=2))
+    print(f"exported {args.checkpoint} as a Hugging Face model folder: {folder}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ddetr.deploy.serve import ServeSettings, run
+
+    names = ("checkpoint", "host", "port", "max_batch_size", "batch_wait_s", "min_replicas", "max_replicas",
+             "cpus_per_replica", "use_gpu", "threshold", "max_image_bytes", "name")  # fmt: skip
+    run(ServeSettings(**{k: getattr(args, k) for k in names if getattr(args, k) is not None}))  # else its defaults
+    return 0
+
+
 def cmd_op_build(args: argparse.Namespace) -> int:
     from ddetr.ops.build import build_extension
 
@@ -147,11 +180,13 @@ def cmd_op_build(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddetr", description="Deformable DETR on Ray")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also Ray's own progress and reports")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     overrides = {"nargs": "*", "default": [], "help": "config overrides, e.g. train.epochs=2 model.num_queries=100"}
 
     p = sub.add_parser("train", help="train a model")
-    p.add_argument("--preset", default="deformable_detr", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="deformable_detr", help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--config", help="a JSON config file (Config.to_json()); replaces --preset")
     p.add_argument("--data", help="folder with train/ and val/ shards (or DIR/shards/...)")
     p.add_argument("--engine", default="ray", choices=["ray", "local"], help="Ray Train, or this process alone")
@@ -199,6 +234,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=500, help="images per shard")
     p.set_defaults(func=cmd_convert)
 
+    from ddetr.jobs import add_arguments as add_submit_arguments
+    from ddetr.sweep.options import add_arguments as add_tune_arguments
+
+    p = add_submit_arguments(
+        sub.add_parser("submit", help="Ray Jobs: train/eval/predict/tune/run, --list/--follow/--stop")
+    )
+    p.set_defaults(func=cmd_submit)
+
+    p = add_tune_arguments(sub.add_parser("tune", help="a Ray Tune sweep of trainings (ASHA on val/AP)"))
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("export", help="write a checkpoint in another format")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["hf", "onnx"],
+        help="hf: a Hugging Face DeformableDetr folder; onnx: an ONNX file (any batch and image size)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="onnx: also output the top-k detections (scores, labels, boxes in pixels of orig_sizes)",
+    )
+    p.add_argument("checkpoint", help="a ddetr checkpoint folder, an official .pth or a Hugging Face folder")
+    p.add_argument("out", help="the folder (hf) or the .onnx file to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="online detection on Ray Serve (RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--checkpoint", required=True, help="a ddetr checkpoint folder, an official .pth or an HF folder")
+    p.add_argument("--host", help="where the HTTP proxy listens (default 127.0.0.1; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--max-batch-size", type=int, help="images per forward pass (default 8)")
+    p.add_argument("--batch-wait-s", type=float, help="longest wait for a batch to fill (default 0.01)")
+    p.add_argument("--min-replicas", type=int, help="default 1")
+    p.add_argument("--max-replicas", type=int, help="autoscaling on ongoing requests up to this many (default 2)")
+    p.add_argument("--cpus-per-replica", type=float, help="default 1 (and a GPU, where there are)")
+    gpu = p.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu", dest="use_gpu", action="store_true", default=None, help="a GPU per replica")
+    gpu.add_argument("--cpu", dest="use_gpu", action="store_false", help="CPUs only (default: GPUs if the cluster has)")
+    p.add_argument("--threshold", type=float, help="default lowest score returned, ?threshold= (default 0.5)")
+    p.add_argument("--max-image-bytes", type=int, help="larger images are refused with 413 (default 8 MiB)")
+    p.add_argument("--name", help="the Serve application's name (default ddetr)")
+    p.set_defaults(func=cmd_serve)
+
     op = sub.add_parser("op", help="the compiled deformable attention op").add_subparsers(
         dest="op_command", required=True
     )
@@ -215,7 +295,22 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    return args.func(args)
+    if args.verbose:
+        os.environ["DDETR_VERBOSE"] = "1"
+    try:
+        return args.func(args)
+    except user_errors() as err:
+        if args.debug:
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def one_line(err: BaseException) -> str:
+    """The message of an error on one line (a missing file's message is its name, made a sentence)."""
+    if isinstance(err, FileNotFoundError) and err.filename and str(err.filename) not in str(err.args[0]):
+        return f"no such file or folder: {err.filename}"
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

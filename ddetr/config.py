@@ -5,27 +5,56 @@ The defaults are those of the official release's `main.py` (COCO, ResNet-50, 4 l
 `Config.from_dict` reads it back. Overrides are flat `section.field=value` strings:
 
     cfg = apply_overrides(get_preset("box_refine"), ["model.num_queries=100", "loss.cls_loss_coef=3"])
+
+Every mistake in a configuration raises a `ConfigError` (a ValueError; an unknown key or preset is also a
+KeyError) whose message names the key and, for a misspelt name, the closest known one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import secrets
+import time
 import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from ddetr import io
+
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which key and why."""
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """An unknown section, field or preset; the message lists the known ones and the closest match."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """' (did you mean X?)' for the known name closest to `name`, or '' when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "resnet50"  # one of BACKBONES; 18/34 are for small CPU runs
     dilation: bool = False  # DC5: dilate the last stage (stride 16 instead of 32)
-    # Path, URL or "imagenet" (torchvision's ImageNet weights). None: random init; training jobs set it.
-    pretrained_backbone: str | None = None
+    # "imagenet" (torchvision's ImageNet-1k file, fetched once into the torch hub cache), a local .pth path or a
+    # URL; "none" (or None): random init, and then no backbone stage is frozen. The paper starts from ImageNet.
+    pretrained_backbone: str | None = "imagenet"
+    # Fine-tune from: an official .pth, a ddetr checkpoint folder or a Hugging Face model folder (weights only).
+    init_from: str = ""
     num_feature_levels: int = 4  # 1: single scale (C5 only); >1: C3-C5 plus strided extra levels
     d_model: int = 256
     enc_layers: int = 6
@@ -40,21 +69,25 @@ class ModelConfig:
     two_stage: bool = False
     aux_loss: bool = True
     num_classes: int = 91  # COCO's raw category ids go up to 90; the official release uses 91 logits
-    # Multi-scale deformable attention backend for every layer: None (environment's choice), "reference", "cpp".
+    # Multi-scale deformable attention backend for every layer: None (environment's choice), "reference", "cpp",
+    # "gather" (see ddetr.ops.ms_deform_attn.select_backend).
     msda_backend: str | None = None
     # Recompute encoder layers in the backward pass (torch.utils.checkpoint) to save activation memory.
     checkpoint_encoder: bool = False
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
-            raise ValueError(f"model.backbone must be one of {BACKBONES}, got {self.backbone!r}")
+            raise ConfigError(f"model.backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.d_model % 2 or self.d_model % self.nheads:
-            raise ValueError(f"model.d_model ({self.d_model}) must be even and divisible by nheads ({self.nheads})")
+            raise ConfigError(f"model.d_model ({self.d_model}) must be even and divisible by nheads ({self.nheads})")
         if self.d_model % 32:
-            raise ValueError(f"model.d_model ({self.d_model}) must be a multiple of 32 (GroupNorm(32) projections)")
+            raise ConfigError(f"model.d_model ({self.d_model}) must be a multiple of 32 (GroupNorm(32) projections)")
         if self.num_feature_levels != 1 and self.num_feature_levels < 3:
             # Multi-scale uses all three backbone levels (C3-C5) and adds strided levels beyond them.
-            raise ValueError(f"model.num_feature_levels must be 1 or >= 3, got {self.num_feature_levels}")
+            raise ConfigError(f"model.num_feature_levels must be 1 or >= 3, got {self.num_feature_levels}")
+        if self.two_stage and not self.with_box_refine:
+            # The paper's two-stage variant refines boxes iteratively; the official configs always pair them.
+            raise ConfigError("model.two_stage=true needs model.with_box_refine=true (the paper pairs them)")
 
 
 @dataclass
@@ -68,6 +101,8 @@ class LossConfig:
     bbox_loss_coef: float = 5.0
     giou_loss_coef: float = 2.0
     focal_alpha: float = 0.25
+    # The class cost of the matcher has its own alpha: the official matcher fixes it at 0.25 whatever the loss uses.
+    matcher_focal_alpha: float = 0.25
 
 
 @dataclass
@@ -77,6 +112,11 @@ class DataConfig:
     scale: float = 1.0  # multiplies every transform size of the paper (0.2: shorter sides 96..160 for CPU runs)
     loader_workers: int = 2  # DataLoader processes of the single-process engine
     map_cpus: float = 0.5  # CPUs per Ray Data decode task: below 1 so that 2-CPU machines do not starve
+    # A shard whose footer or row count is wrong stops the run before its first step, naming the file; with
+    # this on, its images are left out and counted in a warning instead.
+    skip_unreadable_shards: bool = False
+    # No batch for this long ends the run with an error that names the likely cause, instead of a silent hang.
+    watchdog_s: float = 600.0
 
 
 @dataclass
@@ -93,6 +133,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
     amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU), "bf16", "fp16", "off"
+    amp_eval: bool = False  # validate under train.amp's autocast too (default: fp32, as `ddetr eval`)
+    # EMA of the weights, validated and deployed instead of the raw ones; 0: off. About 0.9997 at 32 images per
+    # step; for k times the total batch use decay ** k (the same span in images). See ddetr/train/ema.py.
+    ema_decay: float = 0.0
+    ema_warmup_steps: int = 2000  # the decay ramps up as 1 - exp(-step / ema_warmup_steps)
     seed: int = 42
     eval_every: int = 1  # epochs between COCO evaluations (the last epoch is always evaluated)
     checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps inside an epoch (0: per epoch only)
@@ -103,17 +148,39 @@ class TrainConfig:
     num_workers: int = 2
     min_workers: int = 0  # > 0: elastic, starts with at least min_workers and grows to num_workers
     elastic_resize_interval_s: float = 60.0  # elastic: how often Ray checks whether more workers fit now
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    use_gpu: str = "auto"  # "auto": a GPU per worker when the cluster has GPUs; "true" / "false" force it
+    # CPUs each worker holds; 0: derived from the cluster (1 with GPUs; on CPUs, what is left after one decode task
+    # of data.map_cpus per worker, split between the workers).
+    cpus_per_worker: float = 0.0
     max_failures: int = 3  # worker failures to recover from (from the latest checkpoint)
+    max_preemption_failures: int = -1  # node preemptions (spot reclaims) to recover from; -1: any number
+    # Worker-group starts that may fail (e.g. waiting for nodes) before the run gives up, each waiting up to
+    # worker_start_timeout_s: 60 x 60 s lets a cold cluster take an hour to bring its GPU nodes up.
+    controller_failure_limit: int = 60
+    worker_start_timeout_s: float = 60.0
     storage_path: str = "runs"  # local folder or URI (s3://, gs://) for checkpoints and results
-    name: str = "ddetr"
+    # How rank 0 hands a checkpoint to Ray Train: "sync" (every rank waits for the upload), "async" (training goes on
+    # while it uploads), "auto": async to object storage, sync to a local folder.
+    checkpoint_upload: str = "auto"
+    name: str = ""  # the run's folder under storage_path; "": <preset>-<time>, new each time. The same name continues.
 
     def __post_init__(self) -> None:
         if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise ValueError(f"train.amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+            raise ConfigError(f"train.amp must be auto, bf16, fp16 or off, got {self.amp!r}")
         if self.batch_size < 1:
-            raise ValueError(f"train.batch_size must be at least 1, got {self.batch_size}")
+            raise ConfigError(f"train.batch_size must be at least 1, got {self.batch_size}")
+        # Configs saved before use_gpu took "auto" hold a bool.
+        self.use_gpu = {"1": "true", "0": "false", "yes": "true", "no": "false"}.get(
+            str(self.use_gpu).lower(), str(self.use_gpu).lower()
+        )
+        if self.use_gpu not in ("auto", "true", "false"):
+            raise ConfigError(f"train.use_gpu must be auto, true or false, got {self.use_gpu!r}")
+        if self.checkpoint_upload not in ("auto", "sync", "async"):
+            raise ConfigError(f"train.checkpoint_upload must be auto, sync or async, got {self.checkpoint_upload!r}")
+        if self.cpus_per_worker < 0:
+            raise ConfigError(
+                f"train.cpus_per_worker must be >= 0 (0: derived from the cluster), got {self.cpus_per_worker}"
+            )
 
 
 @dataclass
@@ -131,17 +198,17 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        """Inverse of `to_dict`; unknown sections or fields raise a KeyError naming them."""
+        """Inverse of `to_dict`; unknown sections or fields raise an UnknownNameError naming them."""
         kwargs = {}
         sections = {f.name: f for f in dataclasses.fields(cls)}
         for name, values in d.items():
             if name not in sections:
-                raise KeyError(f"unknown config section {name!r}; known: {sorted(sections)}")
+                raise UnknownNameError(f"unknown config section {name!r}{did_you_mean(name, sections)}")
             section_type = _field_types(cls)[name]
             known = {f.name for f in dataclasses.fields(section_type)}
             unknown = sorted(set(values) - known)
             if unknown:
-                raise KeyError(f"unknown field(s) {unknown} in config section {name!r}; known: {sorted(known)}")
+                raise UnknownNameError(f"unknown config key {name}.{unknown[0]}{did_you_mean(unknown[0], known)}")
             kwargs[name] = section_type(**values)
         return cls(**kwargs)
 
@@ -172,16 +239,16 @@ def _convert(text: str, annotation: Any, key: str) -> Any:
         if annotation in (int, float, str):
             return annotation(text)
     except ValueError:
-        raise ValueError(f"override {key}={text!r}: expected a value of type {annotation.__name__}") from None
-    raise TypeError(f"override {key}: fields of type {annotation} cannot be set from the command line")
+        raise ConfigError(f"override {key}={text!r}: expected a value of type {annotation.__name__}") from None
+    raise ConfigError(f"override {key}: fields of type {annotation} cannot be set from the command line")
 
 
 def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
     """Return a copy of `cfg` with flat `section.field=value` overrides applied, values converted to the field type.
 
     Raises:
-        KeyError: an unknown section or field, named with the known ones.
-        ValueError: a malformed override or a value that does not parse as the field's type.
+        UnknownNameError: an unknown section or field, named with the closest known one.
+        ConfigError: a malformed override, a value that does not parse as the field's type, or a bad combination.
     """
     sections = {name: getattr(cfg, name) for name in (f.name for f in dataclasses.fields(cfg))}
     changes: dict[str, dict[str, Any]] = {name: {} for name in sections}
@@ -189,12 +256,13 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
         key, sep, text = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot:
-            raise ValueError(f"override {item!r} must look like section.field=value, e.g. model.num_queries=100")
+            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. model.num_queries=100")
         if section not in sections:
-            raise KeyError(f"override {item!r}: unknown section {section!r}; known: {sorted(sections)}")
+            raise UnknownNameError(f"override {item!r}: unknown section {section!r}{did_you_mean(section, sections)}")
         hints = _field_types(type(sections[section]))
         if name not in hints:
-            raise KeyError(f"override {item!r}: unknown key {key!r}; known in {section}: {sorted(hints)}")
+            suggestion = did_you_mean(key, [f"{section}.{k}" for k in hints])
+            raise UnknownNameError(f"override {item!r}: unknown key {key}{suggestion}")
         changes[section][name] = _convert(text.strip(), hints[name], key)
     # dataclasses.replace re-runs __post_init__, so a bad combination is reported here.
     return dataclasses.replace(cfg, **{s: dataclasses.replace(sections[s], **c) for s, c in changes.items() if c})
@@ -232,6 +300,7 @@ def tiny() -> Config:
         nheads=4,
         num_queries=30,
         dropout=0.0,  # no dropout: the tiny model is for quick, deterministic runs
+        pretrained_backbone="none",  # runs anywhere, with nothing to download
     )
     return Config(model=model)
 
@@ -249,5 +318,64 @@ PRESETS: dict[str, Callable[[], Config]] = {
 def get_preset(name: str) -> Config:
     """A fresh Config for a named preset; an unknown name raises a KeyError listing the names."""
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise UnknownNameError(
+            f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; the presets: {', '.join(PRESETS)}"
+        )
     return PRESETS[name]()
+
+
+def run_time() -> str:
+    """The unique part of a default run name: the time (sortable), then 4 random hex digits for runs started at once."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def named(cfg: Config, prefix: str = "run") -> Config:
+    """`cfg` itself when it names its run, else a copy named `<prefix>-<time>` (a new run folder)."""
+    if cfg.train.name:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=f"{prefix}-{run_time()}"))
+
+
+def split_dirs(data: str) -> tuple[str, str]:
+    """(train, val) shard folders under `data`: DIR/{train,val}, or DIR/shards/{train,val} (`ddetr data synth`).
+
+    A local folder that is missing is "" (no such split); under a URI both are assumed.
+    """
+    if io.is_uri(data):
+        root = io.join(data, "shards") if io.is_dir(io.join(data, "shards")) else data
+        return io.join(root, "train"), io.join(root, "val")
+    root = Path(data)
+    if (root / "shards").is_dir():
+        root = root / "shards"
+    train, val = root / "train", root / "val"
+    return (str(train) if train.exists() else "", str(val) if val.exists() else "")
+
+
+def load_config_file(path: str) -> Config:
+    """A config saved as JSON (`Config.to_json()`, e.g. a sweep's best configuration or a checkpoint's)."""
+    try:
+        return Config.from_dict(json.loads(io.read_text(path)))
+    except (OSError, ValueError, TypeError) as e:  # ConfigError is a ValueError
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
+
+
+def build_config(
+    preset: str = "deformable_detr", data: str | None = None, overrides: Iterable[str] = (), config_file: str = ""
+) -> Config:
+    """The config of a run: a preset (or a config file), its data folders and their class count, then overrides.
+
+    `data` is a folder holding train/ and val/ shards (or DIR/shards/...); its dataset.json gives
+    `model.num_classes`. Overrides come last, so `model.num_classes=...` still wins.
+    """
+    cfg = load_config_file(config_file) if config_file else get_preset(preset)
+    cfg = named(cfg, preset if not config_file else "run")
+    defaults = []
+    if data:
+        train, val = split_dirs(data)
+        if not train and not val:
+            raise ConfigError(f"no shard folders train/ or val/ under {data} (make them with `ddetr data`)")
+        defaults += [f"data.train={train}", f"data.val={val}"]
+        from ddetr.data.shards import read_metadata
+
+        defaults.append(f"model.num_classes={read_metadata(train or val).num_classes}")
+    return apply_overrides(cfg, [*defaults, *overrides])

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ddetr.config import Config, apply_overrides, get_preset
+from ddetr import io
+from ddetr.config import Config, build_config
 from ddetr.data.decode import decode_rgb
 from ddetr.data.shards import read_metadata
 
@@ -25,61 +26,55 @@ DEMO_VAL_IMAGES = 200
 DEMO_SEED = 0
 DEMO_EPOCHS = 4  # 200 steps of 4 images each
 # The backbone starts from random weights (nothing is downloaded), so it learns at the full rate, not the 0.1x
-# meant for an ImageNet-pretrained one; 0.5 CPU per worker leaves the other CPU to the Ray Data decode tasks.
+# meant for an ImageNet-pretrained one. The CPUs per worker are derived: on 2 CPUs, half a CPU each, which
+# leaves one to the Ray Data decode tasks.
 DEMO_OVERRIDES = [
     "data.scale=0.2",
     "train.num_workers=2",
-    "train.cpus_per_worker=0.5",
     "train.batch_size=2",
     "train.lr=5e-4",
     "train.lr_backbone=5e-4",
     "train.eval_every=1",
-    "train.log_every=25",
+    "train.log_every=50",
 ]
 
 
-def ensure_synthetic(root: Path) -> tuple[str, str]:
+def ensure_synthetic(root: Path) -> None:
     """Generate the synthetic dataset under `root` unless its shards are already complete."""
     from ddetr.data.synthetic import make_synthetic_coco
 
-    train, val = root / "shards" / "train", root / "shards" / "val"
     try:
-        read_metadata(str(train)), read_metadata(str(val))
+        read_metadata(str(root / "shards" / "train")), read_metadata(str(root / "shards" / "val"))
     except FileNotFoundError:
         log.info("generating %d + %d synthetic images in %s", DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES, root)
         make_synthetic_coco(str(root), DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES, seed=DEMO_SEED)
-    return str(train), str(val)
 
 
-def demo_config(out: Path, train: str, val: str, epochs: int, overrides: list[str]) -> Config:
-    cfg = get_preset("tiny")
+def demo_config(out: Path, data_root: Path, epochs: int, overrides: list[str]) -> Config:
     defaults = [
-        f"data.train={train}",
-        f"data.val={val}",
-        f"model.num_classes={read_metadata(train).num_classes}",
         f"train.epochs={epochs}",
         f"train.lr_drop={max(1, epochs - 1)}",
         f"train.storage_path={(out / 'runs').resolve()}",
         f"train.name=demo-{time.strftime('%Y%m%d-%H%M%S')}",
         *DEMO_OVERRIDES,
     ]
-    return apply_overrides(cfg, defaults + overrides)
+    return build_config("tiny", str(data_root), [*defaults, *overrides])
 
 
 def run_demo(out: Path, epochs: int = DEMO_EPOCHS, overrides: list[str] | None = None) -> dict:
     """Train the demo and write its results folder; returns the final metrics."""
     from ddetr.train import train
-    from ddetr.train.local import run_dir
+    from ddetr.train.checkpoints import run_dir
 
     out.mkdir(parents=True, exist_ok=True)
     data_root = Path(os.environ.get("DDETR_DEMO_DATA", out / "synthetic"))
-    train_dir, val_dir = ensure_synthetic(data_root)
-    cfg = demo_config(out, train_dir, val_dir, epochs, overrides or [])
+    ensure_synthetic(data_root)
+    cfg = demo_config(out, data_root, epochs, overrides or [])
     log.info("training the tiny preset for %d epochs on %d Ray workers", cfg.train.epochs, cfg.train.num_workers)
     started = time.time()
     metrics = train(cfg, engine="ray")
     metrics["train_minutes"] = (time.time() - started) / 60
-    write_results(out, cfg, run_dir(cfg), metrics)
+    write_results(out, cfg, Path(run_dir(cfg.train.storage_path, cfg.train.name)), metrics)
     return metrics
 
 
@@ -87,14 +82,11 @@ def write_results(out: Path, cfg: Config, run: Path, metrics: dict) -> None:
     """metrics.json, curves.png and predictions/ drawn with the best checkpoint of the run."""
     from ddetr.data.shards import read_shard, shard_uris
     from ddetr.inference import Detector, draw_detections
-    from ddetr.train.local import list_checkpoints
+    from ddetr.train.checkpoints import checkpoint_score, list_checkpoints
     from ddetr.train.logbook import plot_curves
-    from ddetr.train.state import checkpoint_score
 
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(numbers, indent=2, sort_keys=True))
-    os.replace(tmp, out / "metrics.json")
+    io.atomic_write(out / "metrics.json", json.dumps(numbers, indent=2, sort_keys=True))
     plot_curves(run, out / "curves.png")
     checkpoints = list_checkpoints(run)
     if not checkpoints:

@@ -1,14 +1,17 @@
 """Inference: load a detector from a ddetr or an official checkpoint, detect objects in images, draw them.
 
 detector = Detector.from_checkpoint("runs/demo/checkpoint_00000400")
-detections = detector.predict_files(["a.jpg", "b.jpg"])      # list of {"scores", "labels", "boxes"}
-draw_detections("a.jpg", detections[0], "a.png", names={1: "rectangle"})
+detections = detector.predict_files(["a.jpg", "b.jpg"])      # {path: {"scores", "labels", "boxes"}}
+draw_detections("a.jpg", detections["a.jpg"], "a.png", names={1: "rectangle"})
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +19,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ddetr.config import Config, get_preset
+from ddetr import io
+from ddetr.config import Config, ConfigError, get_preset
 from ddetr.data.collate import pad_and_normalize
-from ddetr.data.transforms import TransformConfig, resized_size
-from ddetr.models import build_detector, config_from_official_args, load_official_checkpoint, read_checkpoint
+from ddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformConfig, resized_size
+from ddetr.models import build_detector
 from ddetr.models.deformable_detr import DeformableDETR, PostProcess
-from ddetr.train.state import STATE_FILE, load_checkpoint
+from ddetr.models.weights import read_weights
 
 log = logging.getLogger(__name__)
 
@@ -36,27 +40,26 @@ class Detector:
         self.model = model.to(self.device).eval()
         self.cfg = cfg
         self.postprocess = PostProcess()
-        transforms = TransformConfig().scaled(cfg.data.scale) if cfg.data.scale != 1.0 else TransformConfig()
+        transforms = TransformConfig().scaled(cfg.data.scale)
         self.size, self.max_size = transforms.val_size, transforms.max_size
+        self.class_names: dict[int, str] | None = None  # class row -> name, where the checkpoint says
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> Detector:
-        """A ddetr checkpoint (a folder holding state.pt, or the file) or an official `.pth` (model + args)."""
-        path = Path(path)
-        if path.is_dir() or path.name == STATE_FILE:
-            payload = load_checkpoint(path)
-            cfg = Config.from_dict(payload["config"])
-            model = build_detector(cfg.model)
-            model.load_state_dict(payload["model"])
-            return cls(model, cfg, device)
-        checkpoint = read_checkpoint(path)
-        cfg = get_preset("deformable_detr")
-        if checkpoint.get("args") is not None:
-            cfg.model = config_from_official_args(checkpoint["args"], cfg.model)
-        model = build_detector(cfg.model)
-        load_official_checkpoint(model, checkpoint)
-        log.info("loaded official checkpoint %s", path)
-        return cls(model, cfg, device)
+        """A ddetr checkpoint (folder or state.pt; its EMA when it has one), an official `.pth` (model + args) or
+        a Hugging Face model folder. Nothing else is fetched: the backbone's ImageNet weights are not needed."""
+        source = read_weights(path)
+        if source.config is None:
+            raise ConfigError(f"{path} has no run arguments, so its variant is unknown")
+        cfg = source.run_config or dataclasses.replace(get_preset("deformable_detr"), model=source.config)
+        if source.kind == "hf":  # its image processor says at what size it detects
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, scale=hf_scale(path)))
+        model = build_detector(source.config, load_backbone_weights=False)
+        model.load_state_dict(source.state)
+        log.info("loaded %s checkpoint %s", source.kind, path)
+        detector = cls(model, cfg, device)
+        detector.class_names = source.class_names
+        return detector
 
     @torch.no_grad()
     def predict(self, images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
@@ -74,12 +77,55 @@ class Detector:
         sizes = torch.tensor([im.shape[:2] for im in images], device=self.device)
         return [{k: v.cpu() for k, v in r.items()} for r in self.postprocess(outputs, sizes)]
 
-    def predict_files(self, paths: list[str | os.PathLike], batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
-        results = []
-        for i in range(0, len(paths), batch_size):
-            images = [np.asarray(Image.open(p).convert("RGB")) for p in paths[i : i + batch_size]]
-            results.extend(self.predict(images))
+    def predict_files(self, paths: list[str], batch_size: int = 4) -> dict[str, dict[str, torch.Tensor]]:
+        """Detections of each image file, by path. A file that is not a readable image is left out with a
+        warning naming it; the others are still detected."""
+        images = {}
+        for path in paths:
+            try:
+                images[path] = read_image(path)
+            except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+                log.warning("skipping %s: not a readable image (%s)", path, err)
+        results: dict[str, dict[str, torch.Tensor]] = {}
+        readable = list(images)
+        for i in range(0, len(readable), batch_size):
+            chunk = readable[i : i + batch_size]
+            results.update(zip(chunk, self.predict([images[p] for p in chunk]), strict=True))
         return results
+
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def hf_preprocessor_config(scale: float) -> dict[str, Any]:
+    """A Hugging Face DeformableDetrImageProcessor config for our validation transform at `scale`."""
+    t = TransformConfig().scaled(scale)
+    return {
+        "image_processor_type": "DeformableDetrImageProcessor",
+        "format": "coco_detection",
+        "do_resize": True,
+        "size": {"shortest_edge": t.val_size, "longest_edge": t.max_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [float(v) for v in IMAGENET_MEAN],
+        "image_std": [float(v) for v in IMAGENET_STD],
+        "do_pad": True,
+    }
+
+
+def hf_scale(folder: str | os.PathLike) -> float:
+    """Our `data.scale` of a Hugging Face folder's image processor (1.0, the paper's 800 px, without one)."""
+    path = io.join(str(folder), PREPROCESSOR_FILE)
+    if not io.exists(path):
+        return 1.0
+    return json.loads(io.read_text(path))["size"]["shortest_edge"] / TransformConfig().val_size
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """(H, W, 3) uint8 RGB pixels of an image file (or URI)."""
+    with Image.open(BytesIO(io.read_bytes(path))) as picture:
+        return np.asarray(picture.convert("RGB"))
 
 
 def coco_records(image_id: int, scores: np.ndarray, labels: np.ndarray, boxes: np.ndarray) -> list[dict[str, Any]]:
@@ -98,7 +144,7 @@ def draw_detections(
     truth: list[tuple[float, float, float, float]] | None = None,
 ) -> Path:
     """Draw detections scoring at least `threshold` (and, thin and white, the true xyxy boxes) into a PNG."""
-    picture = Image.open(image).convert("RGB") if not isinstance(image, np.ndarray) else Image.fromarray(image)
+    picture = Image.fromarray(image if isinstance(image, np.ndarray) else read_image(image))
     scale = max(1, 384 // max(picture.size))
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     draw = ImageDraw.Draw(picture)
@@ -112,8 +158,7 @@ def draw_detections(
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=2)
         name = (names or {}).get(int(label), str(int(label)))
         draw.text((x0 + 2, max(0, y0 - 11)), f"{name} {float(score):.2f}", fill=colour)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp.png")
-    picture.save(tmp)
-    os.replace(tmp, out)
-    return out
+    buffer = BytesIO()
+    picture.save(buffer, format="PNG")
+    io.atomic_write(out, buffer.getvalue())
+    return Path(out)

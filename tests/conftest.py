@@ -52,9 +52,8 @@ def hard_timeout() -> Callable[[int], AbstractContextManager[None]]:
     return _time_limit
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """A quiet local Ray with 2 CPUs and the dashboard on (Tune needs it), shut down at the end."""
+def start_test_ray() -> None:
+    """A quiet local Ray with 2 CPUs and the dashboard on (Tune needs it); its processes get this environment."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -67,5 +66,13 @@ def ray_local():
         object_store_memory=256 * 1024 * 1024,
         configure_logging=False,
     )
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """The session's local Ray (`start_test_ray`), shut down at the end."""
+    import ray
+
+    start_test_ray()
     yield ray
     ray.shutdown()

@@ -55,11 +55,11 @@ def wait_for(condition: Callable[[], bool], done: threading.Event, timeout_s: fl
 
 def main(train_shards: str, storage: str, trace_file: str) -> None:
     os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
-    os.environ["DDETR_TRACE_IMAGES"] = trace_file
     import ray
     from ray.cluster_utils import Cluster
 
     from ddetr.config import apply_overrides, get_preset
+    from ddetr.train.callbacks import ImageTrace
     from ddetr.train.ray_train import build_trainer
 
     cluster = Cluster(
@@ -98,7 +98,9 @@ def main(train_shards: str, storage: str, trace_file: str) -> None:
 
     def fit() -> None:
         try:
-            outcome["result"] = build_trainer(cfg, controller_failure_limit=3).fit()
+            outcome["result"] = build_trainer(
+                apply_overrides(cfg, ["train.controller_failure_limit=3"]), step_callbacks=[ImageTrace(trace_file)]
+            ).fit()
         finally:
             done.set()
 

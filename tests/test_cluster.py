@@ -22,7 +22,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_CONFIGS = ["cluster/aws.yaml", "cluster/gcp.yaml"]
-KUBERAY = ["cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob.yaml"]
+KUBERAY = ["cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob.yaml", "cluster/kuberay/rayservice.yaml"]
 READMES = ["cluster/README.md", "jobs/README.md"]
 RAY_SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
 
@@ -77,11 +77,12 @@ def test_broken_launcher_config_fails_validation(path: str, breakage: str) -> No
 
 @pytest.mark.parametrize("path", LAUNCHER_CONFIGS)
 def test_launcher_config_layout(path: str) -> None:
-    """A CPU head that takes no work, a 1-GPU and an 8-GPU worker type, ddetr installed and its op prebuilt."""
+    """A CPU head that takes no work but sweep drivers (ddetr_driver), a 1-GPU and an 8-GPU worker type, ddetr
+    installed and its op prebuilt."""
     config = load(path)
     types = config["available_node_types"]
     head = types[config["head_node_type"]]
-    assert head["resources"] == {"CPU": 0}
+    assert head["resources"] == {"CPU": 0, "ddetr_driver": 100}
     gpus = {name: t["resources"].get("GPU", 0) for name, t in types.items() if name != config["head_node_type"]}
     assert sorted(gpus.values()) == [1, 8], gpus
     for name in gpus:
@@ -164,6 +165,96 @@ def test_rayjob_manifest() -> None:
     assert spec["entrypoint"].startswith("ddetr train --preset ")
     assert spec["shutdownAfterJobFinishes"] is True
     assert ray_cluster_spec_problems(spec["rayClusterSpec"]) == []
+    # A retried job resumes the run: retries, and an explicit run name to resume by; GPUs.
+    assert (
+        spec["backoffLimit"] > 0 and "train.name=" in spec["entrypoint"] and "train.use_gpu=true" in spec["entrypoint"]
+    )
+
+
+def rayservice_problems(manifest: dict[str, Any]) -> list[str]:
+    """What the RayService must have: Serve's own config schema for serveConfigV2 (a YAML string in the CRD), an
+    application ddetr's builder makes from its args (GPU replicas), replicas the GPU worker group can hold."""
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    spec = manifest["spec"]
+    problems = ray_cluster_spec_problems(spec.get("rayClusterConfig", {}))
+    if not isinstance(spec.get("serveConfigV2"), str):
+        return [*problems, "serveConfigV2 should be a string holding the Serve config's YAML"]
+    try:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(spec["serveConfigV2"]))
+    except ValueError as err:  # pydantic's ValidationError is a ValueError
+        return [*problems, f"serveConfigV2 is not a Serve config: {err}"]
+    for app in config.applications:
+        try:
+            built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
+        except (ImportError, AttributeError, TypeError, ValueError) as err:  # ConfigError is a ValueError
+            problems.append(f"application {app.name}: {err}")
+            continue
+        deployment = built._bound_deployment
+        if deployment.ray_actor_options.get("num_gpus") != 1:
+            problems.append(f"application {app.name}: replicas should take one GPU each")
+        groups = spec["rayClusterConfig"].get("workerGroupSpecs", [])
+        most = sum(g.get("maxReplicas", 0) for g in groups)  # one GPU per pod
+        if deployment._deployment_config.autoscaling_config.max_replicas > most:
+            problems.append(f"application {app.name}: max_replicas over the {most} GPU pods the cluster can have")
+    return problems
+
+
+def test_rayservice_manifest() -> None:
+    manifest = load("cluster/kuberay/rayservice.yaml")
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
+    assert manifest["metadata"]["name"]
+    assert rayservice_problems(manifest) == []
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert serve_config["applications"][0]["import_path"] == "ddetr.deploy.serve:app_builder"
+
+
+def _set_arg(manifest: dict[str, Any], **args: Any) -> None:
+    config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    config["applications"][0]["args"].update(args)
+    manifest["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+
+
+BROKEN_SERVICES = {
+    "serveConfigV2 as a mapping": lambda m: m["spec"].update(serveConfigV2=yaml.safe_load(m["spec"]["serveConfigV2"])),
+    "bad proxy_location": lambda m: m["spec"].update(
+        serveConfigV2=m["spec"]["serveConfigV2"].replace("proxy_location: EveryNode", "proxy_location: Everywhere")
+    ),
+    "no import_path": lambda m: m["spec"].update(
+        serveConfigV2=m["spec"]["serveConfigV2"].replace("import_path: ddetr.deploy.serve:app_builder", "")
+    ),
+    "unknown builder": lambda m: m["spec"].update(
+        serveConfigV2=m["spec"]["serveConfigV2"].replace(":app_builder", ":nope")
+    ),
+    "unknown setting": lambda m: _set_arg(m, max_batch=8),
+    "bad setting": lambda m: _set_arg(m, min_replicas=4, max_replicas=2),
+    "CPU replicas": lambda m: _set_arg(m, use_gpu=False),
+    "more replicas than GPU pods": lambda m: _set_arg(m, max_replicas=9),
+    "autoscaler off": lambda m: m["spec"]["rayClusterConfig"].update(enableInTreeAutoscaling=False),
+}
+
+
+@pytest.mark.parametrize("breakage", list(BROKEN_SERVICES))
+def test_broken_rayservice_manifest_is_caught(breakage: str) -> None:
+    manifest = load("cluster/kuberay/rayservice.yaml")
+    BROKEN_SERVICES[breakage](manifest)
+    assert rayservice_problems(manifest) != []
+
+
+@pytest.mark.parametrize("path", KUBERAY)
+def test_kuberay_sigterm_becomes_a_drain(path: str) -> None:
+    """A reclaimed worker pod lives longer than Ray's drain timeout, so its SIGTERM drains the node first."""
+    manifest = load(path)
+    spec = manifest["spec"].get("rayClusterSpec", manifest["spec"].get("rayClusterConfig", manifest["spec"]))
+    head = spec["headGroupSpec"]["rayStartParams"]
+    assert json.loads(json.loads(head["resources"])) == {"ddetr_driver": 100}
+    for group in spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        env = {e["name"]: e["value"] for e in pod["containers"][0].get("env", [])}
+        drain_s = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+        assert 0 < drain_s < pod["terminationGracePeriodSeconds"], group["groupName"]
 
 
 BROKEN_SPECS = {

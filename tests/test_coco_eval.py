@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -113,21 +116,27 @@ def test_only_images_with_predictions_are_evaluated(synth):
     assert CocoEvaluator(gt).evaluate({}) == {k: 0.0 for k in STAT_NAMES}
 
 
-def test_predictions_from_all_ranks_are_gathered(synth, tmp_path, monkeypatch):
-    import ddetr.data.coco_eval as coco_eval
+def _evaluate_on_rank(rank: int, port: int, gt_json: str, parts: list, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(parts))
+    try:
+        stats = CocoEvaluator(coco_from_json(gt_json)).evaluate(parts[rank])
+        Path(f"{out}.{rank}").write_text(json.dumps(stats))
+    finally:
+        dist.destroy_process_group()
 
+
+def test_predictions_from_all_ranks_are_gathered(synth, tmp_path):
+    """Two real gloo ranks, each with part of the detections (the second repeats an image, as padding does):
+    rank 0 evaluates all of them once, and both ranks return its numbers."""
     gt = coco_from_json(synth.val_annotations)
     preds = _noisy_detections(gt, seed=5)
     items = list(preds.items())
-    mine, theirs = dict(items[::2]), dict(items[1::2] + items[:1])  # the other rank repeats an image (padding)
-    other = CocoEvaluator(gt)
-    other.update(theirs)
-
-    def all_gather_object(out: list, obj: object) -> None:
-        out[:] = [obj, other.predictions]
-
-    monkeypatch.setattr(coco_eval.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(coco_eval.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(coco_eval.dist, "all_gather_object", all_gather_object)
-    stats = CocoEvaluator(gt).evaluate(mine)
-    np.testing.assert_allclose([stats[k] for k in STAT_NAMES], _pycocotools_directly(gt, preds, tmp_path))
+    parts = [dict(items[::2]), dict(items[1::2] + items[:1])]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "stats")
+    torch.multiprocessing.spawn(_evaluate_on_rank, args=(port, synth.val_annotations, parts, out), nprocs=2)
+    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    np.testing.assert_allclose([ranks[0][k] for k in STAT_NAMES], _pycocotools_directly(gt, preds, tmp_path))

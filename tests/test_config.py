@@ -45,6 +45,7 @@ def test_overrides_convert_types_and_leave_the_input_alone():
             "model.num_queries=100",
             "loss.cls_loss_coef=3",
             "model.two_stage=true",
+            "model.with_box_refine=true",  # two-stage needs it
             "model.pretrained_backbone=/tmp/r50.pth",
             "model.dropout=0",
         ],

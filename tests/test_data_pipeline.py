@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddetr.data.collate import collate_examples
+from ddetr.data.collate import batch_to, collate_examples
 from ddetr.data.decode import decode_batch, decode_example, decode_failures
 from ddetr.data.loader import ShardDataset, build_dataloader
 from ddetr.data.order import epoch_order, rank_sequence
-from ddetr.data.shards import read_metadata, read_shard, shard_uris
+from ddetr.data.shards import open_split, read_metadata, read_shard, shard_uris
 from ddetr.data.synthetic import make_synthetic_coco
 from ddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformConfig
 
@@ -39,7 +39,7 @@ def _expected_ids(split_dir: str, seed: int, epoch: int, train: bool = True, ski
     meta = read_metadata(split_dir)
     uris = shard_uris(split_dir, meta)
     ids = [read_shard(u, ["image_id"]).column("image_id").to_pylist() for u in uris]
-    order = epoch_order([s.num_rows for s in meta.shards], seed, epoch, shuffle=train)
+    order = epoch_order(open_split(split_dir).units, seed, epoch, shuffle=train)
     return [ids[s][r] for s, r in rank_sequence(order, skip, 0, 1)]
 
 
@@ -48,6 +48,8 @@ def _ids(batches) -> list[int]:
 
 
 def _check_batch(batch: dict) -> None:
+    assert batch["images"].dtype == torch.uint8  # images cross to the trainer as uint8 ...
+    batch = batch_to(batch, "cpu")  # ... and are normalised on its device
     images, mask, targets = batch["images"], batch["mask"], batch["targets"]
     n, _, hmax, wmax = images.shape
     assert images.dtype == torch.float32 and mask.dtype == torch.bool and mask.shape == (n, hmax, wmax)
@@ -67,6 +69,7 @@ def test_collate_pads_normalises_and_masks(shards):
     examples = [decode_example(r, CFG, True, 0, 0) for r in rows]
     batch = collate_examples(examples)
     _check_batch(batch)
+    batch = batch_to(batch, "cpu")
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     for i, e in enumerate(examples):

@@ -18,9 +18,8 @@ from ddetr.config import apply_overrides, get_preset
 from ddetr.data.shards import read_metadata, read_shard, shard_uris
 from ddetr.data.synthetic import make_synthetic_coco
 from ddetr.inference import Detector
-from ddetr.models import build_model
-from ddetr.train.optim import build_optimizer, build_scheduler
-from ddetr.train.state import TrainState, save_checkpoint
+from ddetr.train.checkpoints import save_checkpoint
+from ddetr.train.loop import Training
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +33,9 @@ def checkpoint(tmp_path_factory, dataset) -> Path:
     """A freshly initialised tiny model saved as a training checkpoint (what `ddetr train` writes)."""
     torch.manual_seed(0)
     cfg = apply_overrides(get_preset("tiny"), ["data.scale=0.1", f"data.train={dataset.train_shards}"])
-    model, _, _ = build_model(cfg)
-    optimizer = build_optimizer(model, cfg.train)
+    run = Training(cfg, torch.device("cpu"))
     directory = tmp_path_factory.mktemp("ckpt") / "checkpoint_00000000"
-    save_checkpoint(directory, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.train),
-                    scaler=None, state=TrainState(), config=cfg.to_dict())  # fmt: skip
+    save_checkpoint(directory, run.payload(cfg.to_dict()), {})
     return directory
 
 
@@ -88,9 +85,26 @@ def test_predict_on_image_files_writes_coco_results_and_drawings(checkpoint, dat
     assert not list(out.glob("*.tmp"))
 
 
-def test_predict_without_images_or_shards_says_what_is_missing(checkpoint, tmp_path):
-    with pytest.raises(SystemExit, match="give image files, or a shard folder with --shards"):
-        main(["predict", "--checkpoint", str(checkpoint), "--out", str(tmp_path)])
+def test_predict_without_images_or_shards_says_what_is_missing(checkpoint, tmp_path, capsys):
+    assert main(["predict", "--checkpoint", str(checkpoint), "--out", str(tmp_path)]) == 2
+    assert "give image files, or a shard folder with --shards" in capsys.readouterr().err
+
+
+def test_predict_skips_a_file_that_is_not_an_image_and_detects_the_rest(checkpoint, dataset, tmp_path, caplog):
+    image_id, pixels = next(iter(val_images(dataset).items()))
+    good, bad = tmp_path / "good.png", tmp_path / "notanimage.jpg"
+    Image.fromarray(pixels).save(good)
+    bad.write_text("this is not a JPEG")
+    out = tmp_path / "out"
+    args = ["predict", "--checkpoint", str(checkpoint), "--out", str(out), "--threshold", "0", str(good), str(bad)]
+    with caplog.at_level("WARNING"):
+        assert main(args) == 0
+    assert any(str(bad) in r.getMessage() and "not a readable image" in r.getMessage() for r in caplog.records)
+    records = json.loads((out / "detections.json").read_text())
+    assert records and {r["file_name"] for r in records} == {str(good)}
+    direct = Detector.from_checkpoint(checkpoint, device="cpu").predict([pixels])[0]
+    assert_same_detections(sorted(records, key=lambda r: -r["score"]), direct)
+    assert (out / "good.png").exists() and not (out / "notanimage.png").exists()
 
 
 @pytest.mark.ray
@@ -111,3 +125,21 @@ def test_batch_inference_over_shards_with_an_actor_pool(ray_local, hard_timeout,
         assert_same_detections(records[image_id], direct)
     assert len(list(tmp_path.glob("*.png"))) == 2
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_export_hf_then_predict_from_the_folder_gives_the_same_detections(checkpoint, dataset, tmp_path):
+    image_id, pixels = next(iter(val_images(dataset).items()))
+    image = tmp_path / "image.png"
+    Image.fromarray(pixels).save(image)
+    assert main(["export", "--format", "hf", str(checkpoint), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
+    for source, out in ((checkpoint, "from-ddetr"), (tmp_path / "hf", "from-hf")):
+        args = ["predict", "--checkpoint", str(source), "--out", str(tmp_path / out), "--threshold", "0", str(image)]
+        assert main(args) == 0
+    ours = json.loads((tmp_path / "from-ddetr" / "detections.json").read_text())
+    theirs = json.loads((tmp_path / "from-hf" / "detections.json").read_text())
+    assert len(ours) == len(theirs) > 0
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["category_id"] == b["category_id"]
+        np.testing.assert_allclose(a["bbox"], b["bbox"], atol=1e-3)
+        assert abs(a["score"] - b["score"]) < 1e-5

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from ray.job_submission import JobStatus
 
-from jobs import submit
+from ddetr import jobs as submit
 
 HEAD_START_TIMEOUT_S = 120  # `ray start --head` takes ~4 s alone, several times that on a loaded 2-core machine
 TEST_TIMEOUT_S = 180  # hard limit per Ray test: a hang here is otherwise silent

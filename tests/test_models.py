@@ -26,10 +26,12 @@ def _one_thread():
 
 
 def shrunk(name: str, **changes) -> Config:
-    """A preset with its structure (levels, dilation, refinement, two-stage) but a small size, for CPU tests."""
+    """A preset with its structure (levels, dilation, refinement, two-stage) but a small size, for CPU tests, and
+    a random backbone unless `pretrained_backbone` says otherwise (tests download nothing)."""
     cfg = get_preset(name)
     small = dict(
         backbone="resnet18",
+        pretrained_backbone="none",
         d_model=64,
         nheads=4,
         enc_layers=2,
@@ -62,8 +64,9 @@ TARGETS = [
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_runs_forward_and_backward(name):
-    cfg = get_preset(name) if name == "tiny" else shrunk(name)
-    model, criterion, post = build_model(cfg)
+    # Paper presets keep their ImageNet backbone setting (so the stem and layer1 are frozen) without fetching it.
+    cfg = get_preset(name) if name == "tiny" else shrunk(name, pretrained_backbone="imagenet")
+    model, criterion, post = build_model(cfg, load_backbone_weights=False)
     m = cfg.model
     images, mask = batch([(64, 96), (48, 80)])
     out = model(images, mask)
@@ -90,9 +93,11 @@ def test_every_preset_runs_forward_and_backward(name):
     assert torch.isfinite(total)
     total.backward()
     params = {k: model.get_parameter(k) for k, _ in model.named_parameters(remove_duplicate=False)}
-    # Stem and layer1 are frozen; later stages, projections, transformer and heads learn.
-    assert not params["backbone.0.body.conv1.weight"].requires_grad
-    assert not params["backbone.0.body.layer1.0.conv1.weight"].requires_grad
+    # With ImageNet weights the stem and layer1 are frozen (from random weights, as `tiny`, they train); later
+    # stages, projections, transformer and heads learn.
+    pretrained = name != "tiny"
+    assert params["backbone.0.body.conv1.weight"].requires_grad is not pretrained
+    assert params["backbone.0.body.layer1.0.conv1.weight"].requires_grad is not pretrained
     for key in (
         "backbone.0.body.layer2.0.conv1.weight",
         "input_proj.0.0.weight",
@@ -109,7 +114,7 @@ def test_every_preset_runs_forward_and_backward(name):
 @pytest.mark.parametrize("name", ["deformable_detr", "box_refine", "two_stage", "single_scale_dc5"])
 def test_full_size_paper_variants_run_on_a_small_image(name):
     """The real sizes (ResNet-50, 6 + 6 layers, 300 queries); 128x192 gives two-stage its 300 proposals."""
-    model, criterion, _ = build_model(get_preset(name))
+    model, criterion, _ = build_model(get_preset(name), load_backbone_weights=False)
     images, mask = batch([(128, 192)])
     out = model(images, mask)
     criterion.total_loss(criterion(out, TARGETS[:1])).backward()

@@ -15,11 +15,11 @@ from ddetr.config import Config, apply_overrides, get_preset
 from ddetr.data.synthetic import make_synthetic_coco
 from ddetr.models import build_model
 from ddetr.train import loop
-from ddetr.train.engine import NonFiniteLossError, train_one_epoch
-from ddetr.train.local import LocalRuntime, list_checkpoints
+from ddetr.train.checkpoints import STATE_FILE, TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from ddetr.train.engine import NonFiniteLossError, train_step
+from ddetr.train.local import LocalRuntime
 from ddetr.train.logbook import read_metrics
 from ddetr.train.optim import build_optimizer, build_scheduler, param_groups
-from ddetr.train.state import STATE_FILE, TrainState, load_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -66,8 +66,9 @@ def run_local(cfg: Config, runtime_type: type[LocalRuntime] = LocalRuntime) -> d
 
 
 def test_param_groups_follow_the_recipe():
-    cfg = get_preset("tiny")
-    model, _, _ = build_model(cfg)
+    # With ImageNet weights (not fetched here) the stem and layer1 are frozen; `tiny` alone starts from random ones.
+    cfg = apply_overrides(get_preset("tiny"), ["model.pretrained_backbone=imagenet"])
+    model, _, _ = build_model(cfg, load_backbone_weights=False)
     groups = param_groups(model, cfg.train)
     group_of = {id(p): g["name"] for g in groups for p in g["params"]}
     assert {g["name"]: g["lr"] for g in groups} == {
@@ -146,30 +147,19 @@ def test_accumulated_gradient_equals_the_large_batch_gradient():
         size = torch.rand(n, 2, generator=g, dtype=torch.float64) * 0.3 + 0.1
         targets.append({"boxes": torch.cat([centre, size], 1), "labels": torch.randint(1, 5, (n,), generator=g)})
 
-    def gradient(batches: list[dict], accum_steps: int) -> dict[str, torch.Tensor]:
+    def gradient(micro_batches: list[dict]) -> dict[str, torch.Tensor]:
         trained = copy.deepcopy(model)
         recorder = RecordGrads([p for p in trained.parameters() if p.requires_grad])
-        train_one_epoch(
-            trained,
-            criterion,
-            batches,
-            recorder,
-            TrainState(),
-            device=torch.device("cpu"),
-            accum_steps=accum_steps,
-            max_norm=0.0,
-        )
+        train_step(trained, criterion, micro_batches, recorder, device=torch.device("cpu"), max_norm=0.0)
         return recorder.grads
 
-    large = gradient([synthetic_batch(images, targets)], accum_steps=1)
-    accumulated = gradient(
-        [synthetic_batch(images[:2], targets[:2]), synthetic_batch(images[2:], targets[2:])], accum_steps=2
-    )
+    large = gradient([synthetic_batch(images, targets)])
+    accumulated = gradient([synthetic_batch(images[:2], targets[:2]), synthetic_batch(images[2:], targets[2:])])
     assert large.keys() == accumulated.keys() and len(large) > 0
     for k in large:
         torch.testing.assert_close(accumulated[k], large[k], rtol=1e-9, atol=1e-12)
     # And not trivially: one micro-batch alone has another gradient.
-    half = gradient([synthetic_batch(images[:2], targets[:2])], accum_steps=1)
+    half = gradient([synthetic_batch(images[:2], targets[:2])])
     assert any(not torch.allclose(half[k], large[k]) for k in large)
 
 
@@ -196,8 +186,8 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards,
     )
     build = loop.build_model
 
-    def poisoned_build_model(cfg: Config):
-        model, criterion, postprocessors = build(cfg)
+    def poisoned_build_model(cfg: Config, **kwargs):
+        model, criterion, postprocessors = build(cfg, **kwargs)
         forward, calls = criterion.forward, []
 
         def forward_nan_on_third_call(outputs, targets, num_boxes=None):
@@ -299,21 +289,21 @@ def test_resumed_run_equals_the_straight_run(shards, tmp_path, straight_run, sto
 
 
 def test_resuming_at_the_end_of_a_cut_short_epoch_trains_no_extra_step(shards, tmp_path):
+    """A checkpoint taken after the last step of a cut-short epoch, before the epoch's own: resuming from it
+    finishes the epoch without another step."""
     cfg = tiny_config(shards, tmp_path, "edge", "train.epochs=1", "train.max_steps_per_epoch=2")
-    runtime = LocalRuntime(cfg, device="cpu")
-    model, criterion, _ = build_model(cfg)
-    state = TrainState(step=2, batches_done=2)
-    metrics = train_one_epoch(
-        model,
-        criterion,
-        runtime.train_batches(0, skip_images=4),
-        build_optimizer(model, cfg.train),
-        state,
-        device=torch.device("cpu"),
-        max_steps=2,
-    )
-    runtime.close()
-    assert metrics == {} and state.step == 2
+    run = loop.Training(cfg, torch.device("cpu"))
+    run.state = TrainState(step=2, batches_done=2, images_done=4)
+    save_checkpoint(tmp_path / "at-step-2", run.payload(cfg.to_dict()), {})
+    runtime = LocalRuntime(cfg, device="cpu", resume=str(tmp_path / "at-step-2"))
+    try:
+        metrics = loop.fit(cfg, runtime)
+    finally:
+        runtime.close()
+    assert not any(k.startswith("train/") for k in metrics) and metrics["step"] == 2
+    final = load_checkpoint(list_checkpoints(tmp_path / "edge")[-1])
+    assert final["state"].step == 2 and final["state"].epoch == 1
+    assert [r for r in read_metrics(tmp_path / "edge") if r["kind"] == "step"] == []
 
 
 def test_fp16_trains_through_a_grad_scaler_whose_state_is_resumed(shards, tmp_path):
@@ -340,3 +330,74 @@ def test_fp16_trains_through_a_grad_scaler_whose_state_is_resumed(shards, tmp_pa
         torch.testing.assert_close(resumed["model"][k], v, rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
     trained = [r for r in read_metrics(tmp_path / "fp16-straight") if r["kind"] == "step"]
     assert any(math.isfinite(r["grad_norm"]) for r in trained) and math.isfinite(trained[-1]["loss"])
+
+
+# --- the EMA of the weights ---------------------------------------------------------------------------------------
+
+EMA_OVERRIDES = (*RESUME_OVERRIDES, "train.ema_decay=0.9", "train.ema_warmup_steps=2")
+
+
+def test_ema_resumes_exactly_and_differs_from_the_raw_weights(shards, tmp_path):
+    """With the EMA on, k steps + a crash + the rest end on the same average as the straight run."""
+    straight_cfg = tiny_config(shards, tmp_path, "ema-straight", *EMA_OVERRIDES)
+    run_local(straight_cfg)
+    straight = load_checkpoint(list_checkpoints(tmp_path / "ema-straight")[-1])
+    cfg = tiny_config(shards, tmp_path, "ema-resumed", *EMA_OVERRIDES)
+    with pytest.raises(Interrupted):
+        run_local(cfg, interrupting_runtime(3))
+    run_local(cfg)
+    resumed = load_checkpoint(list_checkpoints(tmp_path / "ema-resumed")[-1])
+
+    assert straight["ema"]["updates"] == resumed["ema"]["updates"] == 4
+    for k, v in straight["ema"]["module"].items():
+        torch.testing.assert_close(resumed["ema"]["module"][k], v, rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+    moved = [
+        k
+        for k, v in straight["model"].items()
+        if v.is_floating_point() and not torch.equal(v, straight["ema"]["module"][k])
+    ]
+    assert len(moved) > len(straight["model"]) // 2, "the average should lag the trained weights"
+
+
+# --- run names ------------------------------------------------------------------------------------------------------
+
+
+def test_default_run_names_differ_and_a_reused_name_with_another_model_is_refused(shards, tmp_path):
+    from ddetr.config import ConfigError, build_config
+    from ddetr.train import train
+
+    names = {build_config("tiny").train.name for _ in range(3)}
+    assert len(names) == 3 and all(n.startswith("tiny-") for n in names)
+    cfg = tiny_config(shards, tmp_path, "reused", "train.epochs=1", "train.max_steps_per_epoch=1")
+    train(cfg, engine="local")
+    other = apply_overrides(cfg, ["model.num_queries=12", "model.dec_n_points=2"])
+    with pytest.raises(ConfigError, match="reused") as err:
+        train(other, engine="local")
+    assert "model.num_queries 30 -> 12" in str(err.value) and "model.dec_n_points 4 -> 2" in str(err.value)
+    # The same model continues (here: nothing left to train), a new name starts afresh.
+    assert train(cfg, engine="local")["step"] == 1
+    assert train(apply_overrides(other, ["train.name=fresh"]), engine="local")["step"] == 1
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(shards, tmp_path, caplog):
+    """A node lost while writing its checkpoint leaves a short state.pt: the resume names it and takes the
+    previous checkpoint, which its manifest shows intact."""
+    from ddetr.train.checkpoints import CorruptCheckpointError
+
+    cfg = tiny_config(shards, tmp_path, "cut", "train.epochs=1", "train.max_steps_per_epoch=3",
+                      "train.checkpoint_every_steps=1", "train.keep_checkpoints=5")  # fmt: skip
+    run_local(cfg)
+    checkpoints = list_checkpoints(tmp_path / "cut")
+    newest, before = checkpoints[-1], checkpoints[-2]
+    state = newest / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with pytest.raises(CorruptCheckpointError, match=f"{state}.*incomplete"):
+        load_checkpoint(newest)
+    runtime = LocalRuntime(cfg, device="cpu")
+    with caplog.at_level("WARNING"):
+        chosen = runtime.latest_checkpoint()
+    runtime.close()
+    assert chosen == before
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert str(state) in text and f"resuming from {before}" in text and newest.name in text
+    assert load_checkpoint(chosen)["state"].step == 2

@@ -11,16 +11,17 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 
 from ddetr.config import Config, apply_overrides, get_preset
 from ddetr.data.loader import build_dataloader
 from ddetr.data.synthetic import make_synthetic_coco
+from ddetr.data.transforms import TransformConfig
 from ddetr.train import loop, train
+from ddetr.train.callbacks import ImageTrace, KillAfterStep
+from ddetr.train.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from ddetr.train.engine import NonFiniteLossError
-from ddetr.train.local import transform_config
 from ddetr.train.logbook import read_metrics
-from ddetr.train.probes import FAULT_MARKER, FAULT_VAR, TRACE_VAR
-from ddetr.train.state import load_checkpoint
 
 pytestmark = pytest.mark.ray
 
@@ -58,10 +59,11 @@ def test_two_workers_train_evaluate_and_report_checkpoints(ray_local, dataset, t
             f"data.val={os.path.relpath(dataset.val_shards)}",
             "train.max_steps_per_epoch=2",
             "train.checkpoint_every_steps=1",
+            "train.controller_failure_limit=0",
         ],
     )
     with hard_timeout(240):
-        result = build_trainer(cfg, controller_failure_limit=0).fit()
+        result = build_trainer(cfg).fit()
     assert result.error is None
     assert result.metrics["step"] == 2 and result.metrics["epoch"] == 1
     assert "val/AP" in result.metrics and "train/loss" in result.metrics
@@ -73,6 +75,7 @@ def test_two_workers_train_evaluate_and_report_checkpoints(ray_local, dataset, t
             f"data.train={dataset.train_shards}",
             f"data.val={dataset.val_shards}",
             f"train.storage_path={tmp_path / 'runs'}",
+            "train.use_gpu=false",  # the checkpoint keeps what the run resolved "auto" to on this CPU cluster
         ],
     )
     assert final["config"] == absolute.to_dict()
@@ -90,7 +93,7 @@ def expected_image_ids(cfg: Config, world_size: int, steps: int) -> dict[int, li
     for rank in range(world_size):
         loader = build_dataloader(
             cfg.data.train,
-            transform_config(cfg),
+            TransformConfig().scaled(cfg.data.scale),
             train=True,
             batch_size=cfg.train.batch_size,
             seed=cfg.train.seed,
@@ -98,6 +101,7 @@ def expected_image_ids(cfg: Config, world_size: int, steps: int) -> dict[int, li
             num_workers=0,
             rank=rank,
             world_size=world_size,
+            deal_size=cfg.train.batch_size,  # as the Ray runtime deals
         )
         batches = [[int(t["image_id"]) for t in b["targets"]] for b in loader]
         expected[rank] = batches[:steps]
@@ -105,9 +109,7 @@ def expected_image_ids(cfg: Config, world_size: int, steps: int) -> dict[int, li
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_epoch_resumes_from_the_latest_checkpoint(
-    ray_local, dataset, tmp_path, hard_timeout, monkeypatch
-):
+def test_worker_killed_mid_epoch_resumes_from_the_latest_checkpoint(ray_local, dataset, tmp_path, hard_timeout):
     """Rank 1 kills itself (SIGKILL) after step 5 of 6; checkpoints every 2 steps.
 
     The run restarts both workers from the latest checkpoint Ray registered (step 4, or step 2 when the kill
@@ -116,9 +118,8 @@ def test_worker_killed_mid_epoch_resumes_from_the_latest_checkpoint(
     """
     from ddetr.train.ray_train import build_trainer
 
-    trace = tmp_path / "trace.jsonl"
-    monkeypatch.setenv(TRACE_VAR, str(trace))
-    monkeypatch.setenv(FAULT_VAR, "1:5")
+    trace, marker = tmp_path / "trace.jsonl", tmp_path / "fault-injected"
+    callbacks = [ImageTrace(trace), KillAfterStep(rank=1, step=5, marker=marker)]
     steps = 6
     cfg = ray_config(
         dataset,
@@ -129,9 +130,11 @@ def test_worker_killed_mid_epoch_resumes_from_the_latest_checkpoint(
         "train.max_failures=1",
     )
     with hard_timeout(420):
-        result = build_trainer(cfg, controller_failure_limit=1).fit()
+        result = build_trainer(
+            apply_overrides(cfg, ["train.controller_failure_limit=1"]), step_callbacks=callbacks
+        ).fit()
     assert result.error is None
-    assert (tmp_path / "fault" / FAULT_MARKER).exists(), "the fault never fired"
+    assert marker.exists(), "the fault never fired"
     final = load_checkpoint(result.checkpoint.to_directory())
     assert final["state"].step == steps and final["state"].epoch == 1
 
@@ -175,8 +178,8 @@ def test_nonfinite_loss_stops_a_ray_run_without_retrying(ray_local, dataset, tmp
     )
     build, calls = loop.build_model, []
 
-    def poisoned_build_model(cfg: Config):
-        model, criterion, postprocessors = build(cfg)
+    def poisoned_build_model(cfg: Config, **kwargs):
+        model, criterion, postprocessors = build(cfg, **kwargs)
         forward = criterion.forward
 
         def forward_nan_on_second_call(outputs, targets, num_boxes=None):
@@ -215,16 +218,17 @@ def elastic_config(dataset, storage: Path, name: str, *overrides: str) -> Config
 
 
 @pytest.mark.slow
-def test_elastic_run_starts_with_the_workers_that_fit(ray_local, dataset, tmp_path, hard_timeout, monkeypatch):
+def test_elastic_run_starts_with_the_workers_that_fit(ray_local, dataset, tmp_path, hard_timeout):
     from ddetr.train.ray_train import build_trainer
 
     trace = tmp_path / "trace.jsonl"
-    monkeypatch.setenv(TRACE_VAR, str(trace))
     steps = 3
     cfg = elastic_config(
         dataset, tmp_path, "elastic", f"train.max_steps_per_epoch={steps}", "train.elastic_resize_interval_s=5"
     )
-    trainer = build_trainer(cfg, controller_failure_limit=1)
+    trainer = build_trainer(
+        apply_overrides(cfg, ["train.controller_failure_limit=1"]), step_callbacks=[ImageTrace(trace)]
+    )
     assert trainer.scaling_config.num_workers == (1, 4)
     assert trainer.scaling_config.elastic_resize_monitor_interval_s == 5
     with hard_timeout(240):
@@ -289,3 +293,80 @@ def test_losing_a_node_continues_with_fewer_workers_and_grows_back(elastic_datas
     trained = [i for step_lines in kept.values() for line in step_lines for i in line["image_ids"]]
     cfg = elastic_config(elastic_dataset, tmp_path, "node_loss")
     assert sorted(trained) == sorted(epoch_image_ids(cfg, 2 * steps)) and len(set(trained)) == len(trained)
+
+
+@pytest.mark.slow
+def test_init_from_a_checkpoint_with_other_classes_keeps_the_rows_of_shared_names(
+    ray_local, dataset, tmp_path, hard_timeout
+):
+    """Fine-tuning through Ray Train from a checkpoint of 7 classes onto the dataset's 5: the class heads are
+    re-initialised (and the logbook says so), the rows of "rectangle" and "ellipse" come from the source's rows
+    of those names, the others carry the focal prior. lr 0 keeps what init_from loaded for the check."""
+    from ddetr.train.loop import Training
+
+    source_cfg = apply_overrides(get_preset("tiny"), ["model.num_classes=7"])
+    source_categories = [
+        {"id": 1, "name": "ellipse"},
+        {"id": 2, "name": "car"},
+        {"id": 5, "name": "rectangle"},
+        {"id": 6, "name": "dog"},
+    ]
+    source = Training(source_cfg, torch.device("cpu"), categories=source_categories)
+    with torch.no_grad():
+        for head in source.model.class_embed:
+            head.weight.normal_()
+            head.bias.copy_(torch.arange(7.0))
+    save_checkpoint(tmp_path / "source", source.payload(source_cfg.to_dict()), {})
+    rows = {k: v for k, v in source.model.state_dict().items() if k.startswith("class_embed.")}
+
+    cfg = ray_config(
+        dataset,
+        tmp_path,
+        "finetune",
+        "model.num_classes=5",
+        f"model.init_from={tmp_path / 'source'}",
+        "train.max_steps_per_epoch=1",
+        "train.lr=0",
+        "train.lr_backbone=0",
+    )
+    with hard_timeout(300):
+        metrics = train(cfg, engine="ray")
+    assert metrics["step"] == 1
+    final = load_checkpoint(list_checkpoints(tmp_path / "finetune")[-1])["model"]
+    prior = -math.log((1 - 0.01) / 0.01)
+    for i in range(len(source.model.class_embed)):
+        weight, bias = final[f"class_embed.{i}.weight"], final[f"class_embed.{i}.bias"]
+        assert weight.shape[0] == 5
+        for dataset_id, source_row in ((1, 5), (2, 1)):  # rectangle, ellipse
+            torch.testing.assert_close(weight[dataset_id], rows[f"class_embed.{i}.weight"][source_row])
+            assert bias[dataset_id] == rows[f"class_embed.{i}.bias"][source_row]
+        for other in (0, 3, 4):
+            assert bias[other] == pytest.approx(prior)
+    events = [r for r in read_metrics(tmp_path / "finetune") if r["kind"] == "init_from"]
+    assert len(events) == 1 and "class_embed.0.weight" in events[0]["reinitialised"]
+
+
+@pytest.mark.slow
+def test_a_starved_data_pipeline_ends_in_the_watchdog_error(ray_local, dataset, tmp_path, hard_timeout):
+    """Two workers of half a CPU leave one CPU of this 2-CPU Ray, and each decode task asks for 1.5: no task can
+    ever start. The run stops with the watchdog's error naming the cause, instead of waiting forever."""
+    from ddetr.data.shards import DataError
+
+    cfg = ray_config(dataset, tmp_path, "starved", "data.map_cpus=1.5", "data.watchdog_s=20")
+    with hard_timeout(240), pytest.raises(DataError, match="no training batch for 20 s.*train.cpus_per_worker"):
+        train(cfg, engine="ray")
+
+
+@pytest.mark.slow
+def test_the_default_train_command_trains_on_this_machine(dataset, tmp_path, hard_timeout):
+    """`ddetr train --preset tiny --data D train.epochs=1`, every other setting at its default, in a fresh
+    process that starts its own Ray: the CPUs are split so that the data tasks get some, and it finishes."""
+    root = dataset.root
+    cmd = [sys.executable, "-m", "ddetr.cli", "train", "--preset", "tiny", "--data", str(root), "train.epochs=1"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    with hard_timeout(600):
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=590)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads(done.stdout[done.stdout.index("{") :])
+    assert metrics["epoch"] == 1 and metrics["step"] >= 1 and "val/AP" in metrics
+    assert len(list((tmp_path / "runs").glob("tiny-*"))) == 1

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from ddetr.config import Config, apply_overrides, get_preset
-from tune.space import load_space, param_space, to_overrides, trial_config
+from ddetr.config import Config, ConfigError, apply_overrides, get_preset
+from ddetr.sweep.space import load_space, param_space, to_overrides, trial_config
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_TIMEOUT_S = 480  # a 4-trial sweep takes ~3 min on an idle 2-core machine; a hang is otherwise silent
@@ -49,7 +49,8 @@ def test_default_space_loads_and_maps_refinement(tmp_path: Path) -> None:
         cfg = trial_config({**sampled, "refinement": name})
         assert (cfg.model.with_box_refine, cfg.model.two_stage) == flags
     direct = {**sampled, "model": {**sampled["model"], "two_stage": True, "with_box_refine": False}}
-    assert trial_config(direct).model.with_box_refine  # two-stage always refines boxes
+    with pytest.raises(ConfigError, match="with_box_refine"):  # the pairing rule lives in ModelConfig alone
+        trial_config(direct)
 
 
 def test_space_errors_name_the_file_and_key(tmp_path: Path) -> None:
@@ -72,7 +73,7 @@ def test_overrides_round_trip() -> None:
 
 
 def test_concurrency_leaves_room_for_data_tasks() -> None:
-    from tune.sweep import concurrency
+    from ddetr.sweep.driver import concurrency
 
     cfg = apply_overrides(get_preset("tiny"), ["train.num_workers=1", "train.cpus_per_worker=0.5"])
     assert concurrency(cfg, 2.0) == 2  # 2 x 0.51 + 0.5 for decoding <= 2
@@ -82,13 +83,40 @@ def test_concurrency_leaves_room_for_data_tasks() -> None:
         concurrency(apply_overrides(cfg, ["train.cpus_per_worker=2"]), 2.0)
 
 
+def test_concurrency_comes_from_the_node_types_not_from_the_nodes_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An autoscaling cluster that starts empty has 0 CPUs up: the node types' maxima size the sweep instead.
+    from ddetr.cluster import node_type_maxima
+    from ddetr.sweep.driver import sweep_concurrency
+
+    config = {
+        "max_workers": 3,
+        "head_node_type": "head",
+        "available_node_types": {
+            "head": {"resources": {"CPU": 0, "ddetr_driver": 100}, "max_workers": 0},
+            "cpu": {"resources": {"CPU": 2}, "max_workers": 2},
+            "gpu": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 4},  # capped by the cluster's 3
+        },
+    }
+    assert node_type_maxima(config) == {"CPU": 4 + 24, "GPU": 3}
+    path = tmp_path / "cluster.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    monkeypatch.setenv("DDETR_CLUSTER_CONFIG", str(path))
+    cfg = apply_overrides(get_preset("tiny"), ["train.num_workers=2", "train.cpus_per_worker=4"])
+    assert sweep_concurrency(cfg) == 3  # (28 - 0.5 for data) // 8.01
+    assert sweep_concurrency(cfg, requested=2) == 2
+    with pytest.raises(ValueError, match="cpus_per_worker"):  # a trial bigger than the whole cluster can grow
+        sweep_concurrency(apply_overrides(cfg, ["train.cpus_per_worker=20"]))
+
+
 def test_asha_rungs_survive_a_restored_sweep(tmp_path: Path) -> None:
     import pickle
     from types import SimpleNamespace
 
     from ray.tune.schedulers import TrialScheduler
 
-    from tune.asha import ResumableASHA
+    from ddetr.sweep.asha import ResumableASHA
 
     asha = ResumableASHA(
         tmp_path / "asha.pkl", time_attr="epoch", metric="val/AP", mode="max", max_t=2, grace_period=1,
@@ -189,8 +217,9 @@ def test_sweep_writes_a_sorted_table_and_a_plot(sweep: tuple[Path, dict[str, int
 @pytest.mark.slow
 def test_asha_stops_trials_behind_at_the_first_rung(sweep: tuple[Path, dict[str, int]]) -> None:
     # ASHA (grace 1, factor 2) stops a trial at epoch 1 when its AP is below the median of the APs recorded at
-    # that rung before it. The space's two learning rates make the trials differ by then: the last trial at 1e-4
-    # to reach the rung meets at least one trial at 1e-3 before it, whatever the order, and is stopped.
+    # that rung before it. The grid alternates the learning rate (trials 0 and 2 at 1e-3, AP ~0.02; 1 and 3 at
+    # 1e-6, AP 0), and two trials run at a time, so trial 3 starts only once trials 0 and 1 have passed the rung:
+    # it meets the median of an AP above 0 and its own 0, and is stopped, whatever the order of the others.
     folder, _ = sweep
     rows = read_rows(folder)
     epoch1 = {r["trial"]: _epoch_ap(folder, r["trial"], 1) for r in rows}

@@ -26,7 +26,11 @@ _EXPORTS = {
     "build_dataloader": "loader",
     "DetrCollateFn": "pipeline",
     "build_ray_dataset": "pipeline",
+    "DataError": "shards",
     "ShardMetadata": "shards",
+    "ShardReadError": "shards",
+    "UnreadableShardError": "shards",
+    "open_split": "shards",
     "read_metadata": "shards",
     "SyntheticPaths": "synthetic",
     "make_synthetic_coco": "synthetic",
@@ -41,7 +45,14 @@ if TYPE_CHECKING:
     from ddetr.data.convert import ConvertSummary, convert_coco  # noqa: F401
     from ddetr.data.loader import ShardDataset, build_dataloader  # noqa: F401
     from ddetr.data.pipeline import DetrCollateFn, build_ray_dataset  # noqa: F401
-    from ddetr.data.shards import ShardMetadata, read_metadata  # noqa: F401
+    from ddetr.data.shards import (  # noqa: F401
+        DataError,
+        ShardMetadata,
+        ShardReadError,
+        UnreadableShardError,
+        open_split,
+        read_metadata,
+    )
     from ddetr.data.synthetic import SyntheticPaths, make_synthetic_coco  # noqa: F401
     from ddetr.data.transforms import TransformConfig  # noqa: F401
     from ddetr.data.validate import BadRecordError  # noqa: F401

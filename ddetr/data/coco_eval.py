@@ -89,14 +89,15 @@ class CocoEvaluator:
         coco_gt: the ground truth (``coco_from_shards`` / ``coco_from_json``).
         label_to_category: maps the model's labels to category ids; None when the model's labels
             are the category ids themselves (the official model: raw COCO ids, 91 classes).
-    Usage: ``update(predictions)`` per batch on every rank, then ``summarize()`` on every rank
-    (it gathers through ``torch.distributed`` when a process group is initialised).
+    Usage: ``update(predictions)`` per batch on every rank, then ``summarize()`` on every rank: with a
+    process group, rank 0 gathers every rank's detections, runs COCOeval once and sends the numbers to all.
     """
 
     def __init__(self, coco_gt: COCO, label_to_category: Mapping[int, int] | None = None) -> None:
         self.coco_gt = coco_gt
         self.label_to_category = dict(label_to_category) if label_to_category is not None else None
         self.predictions: dict[int, list[dict[str, Any]]] = {}
+        self.summary_text = ""
 
     @classmethod
     def from_shards(cls, split_dir: str, label_to_category: Mapping[int, int] | None = None) -> CocoEvaluator:
@@ -135,34 +136,54 @@ class CocoEvaluator:
             return label
         return self.label_to_category[label]
 
-    def gather(self) -> dict[int, list[dict[str, Any]]]:
-        """Every rank's detections merged (this rank's alone without a process group)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    def gather(self) -> dict[int, list[dict[str, Any]]] | None:
+        """Every rank's detections merged, on rank 0 (None on the other ranks); this rank's without a group."""
+        if not _distributed():
             return self.predictions
-        parts: list[dict[int, list[dict[str, Any]]] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, self.predictions)
+        parts: list[dict[int, list[dict[str, Any]]] | None] | None = (
+            [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        )
+        dist.gather_object(self.predictions, parts, dst=0)
+        if parts is None:
+            return None
         merged: dict[int, list[dict[str, Any]]] = {}
         for part in parts:
             for image_id, dets in (part or {}).items():
                 merged.setdefault(image_id, dets)  # a sampler's padding repeats images: keep one
         return merged
 
-    def summarize(self, verbose: bool = False) -> dict[str, float]:
+    def summarize(self) -> dict[str, float]:
         """COCOeval (bbox) over the gathered detections; keys ``STAT_NAMES`` (AP, AP50, ... AR100 ...).
 
-        Only images that received an ``update`` are evaluated (as DETR's evaluator).
+        Only images that received an ``update`` are evaluated (as DETR's evaluator). The table COCOeval prints
+        is captured into ``self.summary_text`` instead.
         """
         predictions = self.gather()
-        detections = [d for dets in predictions.values() for d in dets]
-        if not detections:
-            return {name: 0.0 for name in STAT_NAMES}
-        return evaluate_detections(self.coco_gt, detections, sorted(predictions), verbose=verbose)
+        result: list[tuple[dict[str, float], str] | None] = [None]
+        if predictions is not None:
+            detections = [d for dets in predictions.values() for d in dets]
+            if detections:
+                result[0] = evaluate_detections(self.coco_gt, detections, sorted(predictions))
+            else:
+                result[0] = ({name: 0.0 for name in STAT_NAMES}, "no detections\n")
+        if _distributed():
+            dist.broadcast_object_list(result, src=0)
+        stats, self.summary_text = result[0]
+        return stats
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def evaluate_detections(
-    coco_gt: COCO, detections: list[dict[str, Any]], image_ids: list[int], verbose: bool = False
-) -> dict[str, float]:
-    """COCOeval (bbox) of COCO-format detections (image_id, category_id, bbox xywh, score)."""
+    coco_gt: COCO, detections: list[dict[str, Any]], image_ids: list[int]
+) -> tuple[dict[str, float], str]:
+    """COCOeval (bbox) of COCO-format detections (image_id, category_id, bbox xywh, score).
+
+    Returns:
+        ({STAT_NAMES: value}, the summary table COCOeval printed).
+    """
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         coco_dt = coco_gt.loadRes(detections)
@@ -171,9 +192,7 @@ def evaluate_detections(
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    if verbose:
-        print(out.getvalue())
-    return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats, strict=True)}
+    return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats, strict=True)}, out.getvalue()
 
 
 def _numpy(x: Any) -> np.ndarray:

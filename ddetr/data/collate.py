@@ -1,8 +1,10 @@
-"""Examples to a model batch: normalise, pad to the largest image, build the padding mask.
+"""Examples to a model batch: pad to the largest image, build the padding mask; normalise on the device.
 
 The batch is a dict::
 
-    images   (B, 3, Hmax, Wmax) float32, ImageNet-normalised, zero where padded
+    images   (B, 3, Hmax, Wmax) uint8, zero where padded; ``batch_to(batch, device)`` turns it into
+             float32, ImageNet-normalised, zero where padded, on the device (a quarter of the bytes
+             to move, and the arithmetic where the model runs)
     mask     (B, Hmax, Wmax) bool, True at padding (DETR's NestedTensor mask)
     targets  list of B dicts: boxes (n, 4) float32 cxcywh in [0, 1] of the unpadded image,
              labels (n,) int64, image_id () int64, orig_size (2,) int64 (h, w) of the file,
@@ -22,24 +24,36 @@ import torch
 
 from ddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-# (256, 3) float32: the normalised value of each uint8 level per channel; a lookup is faster than
-# converting and normalising the whole padded batch.
-_LUT = ((np.arange(256, dtype=np.float32)[:, None] / 255 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
 
-
-def pad_and_normalize(images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h_i, w_i, 3) uint8 images -> images (B, 3, Hmax, Wmax) float32 and mask (B, Hmax, Wmax) bool."""
+def pad_images(images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h_i, w_i, 3) uint8 images -> images (B, 3, Hmax, Wmax) uint8 and mask (B, Hmax, Wmax) bool."""
     hmax = max(im.shape[0] for im in images)
     wmax = max(im.shape[1] for im in images)
     # numpy, not torch: torch's intra-op threads would fight the model's for the same cores.
-    out = np.zeros((len(images), 3, hmax, wmax), dtype=np.float32)
+    out = np.zeros((len(images), 3, hmax, wmax), dtype=np.uint8)
     mask = np.ones((len(images), hmax, wmax), dtype=bool)
     for i, im in enumerate(images):
         h, w = im.shape[:2]
-        for c in range(3):
-            out[i, c, :h, :w] = _LUT[im[..., c], c]
+        out[i, :, :h, :w] = im.transpose(2, 0, 1)
         mask[i, :h, :w] = False
     return torch.from_numpy(out), torch.from_numpy(mask)
+
+
+def normalize_images(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32 ImageNet-normalised, zero where ``mask`` (B, H, W) is True.
+
+    Runs where the tensors are (the trainer's device).
+    """
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    out = (images.float() / 255 - mean) / std
+    return out.masked_fill_(mask[:, None], 0.0)
+
+
+def pad_and_normalize(images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h_i, w_i, 3) uint8 images -> images (B, 3, Hmax, Wmax) float32 normalised and mask (B, Hmax, Wmax)."""
+    padded, mask = pad_images(images)
+    return normalize_images(padded, mask), mask
 
 
 def collate_columns(batch: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +99,7 @@ def _assemble(
     sizes: Sequence[Sequence[int]],
     numpy_targets: bool = False,
 ) -> dict[str, Any]:
-    padded, mask = pad_and_normalize(images)
+    padded, mask = pad_images(images)
     targets = [
         {
             "boxes": np.array(boxes[i], dtype=np.float32).reshape(-1, 4),
@@ -107,9 +121,17 @@ def targets_to_torch(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def batch_to(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
-    """Move a model batch (images, mask and every target tensor) to ``device``."""
+    """Move a model batch (images, mask and every target tensor) to ``device``; normalise uint8 images there.
+
+    Returns images (B, 3, Hmax, Wmax) float32, ImageNet-normalised, zero where padded. A batch whose
+    images are float already is moved as it is.
+    """
+    images = batch["images"].to(device, non_blocking=True)
+    mask = batch["mask"].to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = normalize_images(images, mask)
     return {
-        "images": batch["images"].to(device, non_blocking=True),
-        "mask": batch["mask"].to(device, non_blocking=True),
+        "images": images,
+        "mask": mask,
         "targets": [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]],
     }

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ddetr.data.shards import (
+    ROW_GROUP_SIZE,
     ROW_SCHEMA,
     ShardInfo,
     ShardMetadata,
@@ -91,6 +92,7 @@ def convert_coco(
     split: str | None = None,
     num_threads: int = 8,
     progress: bool = True,
+    row_group_size: int = ROW_GROUP_SIZE,
 ) -> ConvertSummary:
     """Convert one COCO split into Parquet shards under ``out``.
 
@@ -103,6 +105,7 @@ def convert_coco(
         split: name stored in the metadata (default: the last component of ``out``).
         num_threads: threads reading and checking image files (Pillow decodes without the GIL).
         progress: draw a progress bar on stderr (a log line per shard is always written).
+        row_group_size: images per Parquet row group, the unit a reader fetches (``shards.ROW_GROUP_SIZE``).
     Returns:
         a ``ConvertSummary`` (also logged).
     """
@@ -136,7 +139,9 @@ def convert_coco(
                     f"({footer.get('key')} != {key}); convert into an empty directory"
                 )
             if footer is None:
-                footer = _write_shard(out_fs, path, k, chunk, records, anns, img_fs, img_root, pool, strict, key)
+                footer = _write_shard(
+                    out_fs, path, k, chunk, records, anns, img_fs, img_root, pool, strict, key, row_group_size
+                )
                 written += 1
             skips.merge(footer["skips"], footer["examples"])
             shards.append(ShardInfo(shard_file(k), footer["num_rows"], footer["num_annotations"]))
@@ -182,6 +187,7 @@ def _write_shard(
     pool: ThreadPoolExecutor,
     strict: bool,
     key: dict[str, Any],
+    row_group_size: int,
 ) -> dict[str, Any]:
     """Read, check and write the images of one shard; return the record stored in its footer."""
     shard_skips = SkipLog(strict=strict)
@@ -229,8 +235,18 @@ def _write_shard(
     schema = ROW_SCHEMA.with_metadata({"ddetr": json.dumps(footer)})
     table = pa.Table.from_pydict(rows, schema=schema)
     tmp = temp_name(path)
-    # Small row groups let a reader fetch part of a shard; the bytes dominate, so ~64 images each.
-    pq.write_table(table, tmp, filesystem=out_fs, row_group_size=64, compression="none")
+    # Small row groups let each rank fetch just its images (``order.py``); no statistics, which nothing
+    # reads and which would make the footer, read by every rank, half as large again; no dictionaries
+    # (every image differs).
+    pq.write_table(
+        table,
+        tmp,
+        filesystem=out_fs,
+        row_group_size=row_group_size,
+        compression="none",
+        write_statistics=False,
+        use_dictionary=False,
+    )
     out_fs.move(tmp, path)
     return footer
 

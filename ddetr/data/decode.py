@@ -8,6 +8,10 @@ Images leave here as uint8 HWC (a quarter of float32 through Ray's object store)
 happens in the collate step. A decoded batch is an Arrow table of plain columns (``EXAMPLE_SCHEMA``):
 the image as raw bytes beside its height and width, because Ray's variable-shaped tensor columns
 cost as much to build as the decoding itself.
+
+Reading: ``read_rows`` fetches given (shard, row) pairs by reading only the row groups that hold them
+(``ParquetFile.read_row_groups``), each needed group once, with the footer the caller already has or
+one this process read before (``_footer``), and retries on I/O errors (``shards.with_retries``).
 """
 
 from __future__ import annotations
@@ -15,14 +19,17 @@ from __future__ import annotations
 import io
 import logging
 import math
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from PIL import Image
 
-from ddetr.data.shards import read_shard
+from ddetr.data.shards import ShardFooter, read_footer, resolve, with_retries
 from ddetr.data.transforms import (
     Geometry,
     TransformConfig,
@@ -127,20 +134,103 @@ def decode_batch(batch: dict[str, Any], cfg: TransformConfig, train: bool, seed:
     return examples_to_table(examples)
 
 
-def decode_shard_rows(
-    item: pa.Table, cfg: TransformConfig, train: bool, seed: int, epoch: int, chunk: int
+def decode_rows(
+    item: pa.Table,
+    uris: Sequence[str],
+    cfg: TransformConfig,
+    train: bool,
+    seed: int,
+    epoch: int,
+    chunk: int,
+    sizes: Sequence[int] | None = None,
+    filesystem: pafs.FileSystem | None = None,
 ) -> Iterator[pa.Table]:
-    """Read the rows named in ``item`` (one row: ``uri``, ``rows``) from one shard; decode them in that order.
+    """Read the images named in ``item`` (one row: ``shard``, ``row`` lists) and decode them in that order.
 
-    Yields ``EXAMPLE_SCHEMA`` tables of ``chunk`` images (the Ray pipeline's map function).
+    ``uris`` are the split's shards and ``sizes`` their sizes in bytes when the split was opened (a
+    footer this process read for another size is read again). Yields ``EXAMPLE_SCHEMA`` tables of
+    ``chunk`` images (the Ray pipeline's map function).
     """
-    uri = item.column("uri")[0].as_py()
-    rows = np.asarray(item.column("rows")[0].as_py(), dtype=np.int64)
-    table = read_shard(uri, list(ROW_COLUMNS)).take(pa.array(rows, type=pa.int64()))
+    pairs = np.stack(
+        [np.asarray(item.column("shard")[0].as_py(), np.int64), np.asarray(item.column("row")[0].as_py(), np.int64)],
+        axis=1,
+    )
+    table = read_rows(uris, pairs, filesystem=filesystem, sizes=sizes)
     for start in range(0, table.num_rows, chunk):
         out = decode_batch(table.slice(start, chunk).to_pydict(), cfg, train, seed, epoch)
         if out.num_rows:
             yield out
+
+
+# This process's footers, by (filesystem, uri, file size): a Ray decode worker reads each shard's footer once.
+_footers: dict[tuple[int, str, int | None], ShardFooter] = {}
+_parsed: OrderedDict[tuple[int, str, int | None], pq.FileMetaData] = OrderedDict()
+PARSED_FOOTERS = 32  # parsed footers kept per process (COCO: ~3 MB each with row groups of 2)
+
+
+def _metadata(
+    uri: str, filesystem: pafs.FileSystem | None, footer: ShardFooter | None, size: int | None
+) -> pq.FileMetaData:
+    key = (id(filesystem) if filesystem is not None else 0, uri, footer.size if footer is not None else size)
+    if key in _parsed:
+        _parsed.move_to_end(key)
+        return _parsed[key]
+    if footer is None:
+        footer = _footers.get(key)
+    if footer is None:
+        fs, path = resolve(uri, filesystem)
+        footer = _footers[key] = with_retries(uri, lambda: read_footer(fs, path))
+    md = _parsed[key] = footer.metadata()
+    if len(_parsed) > PARSED_FOOTERS:
+        _parsed.popitem(last=False)
+    return md
+
+
+def read_rows(
+    uris: Sequence[str],
+    pairs: np.ndarray,
+    *,
+    filesystem: pafs.FileSystem | None = None,
+    footers: Sequence[ShardFooter | None] | None = None,
+    sizes: Sequence[int] | None = None,
+    columns: Sequence[str] = ROW_COLUMNS,
+) -> pa.Table:
+    """The ``columns`` of the (M, 2) (shard, row) ``pairs``, in that order, as one table.
+
+    Per shard, only the row groups holding its rows are read, each once; ``footers[s]`` (from
+    ``shards.open_split``) spares reading shard s's footer again; without it, ``sizes[s]`` (the size
+    the shard had when the split was opened) keeps this process from using a footer of an older file.
+    """
+    parts, where, done = [], np.empty(len(pairs), dtype=np.int64), 0
+    shards, first = np.unique(pairs[:, 0], return_index=True)
+    for s in shards[np.argsort(first)]:
+        mine = np.flatnonzero(pairs[:, 0] == s)
+        rows = pairs[mine, 1]
+        uri = uris[int(s)]
+        footer = footers[int(s)] if footers is not None else None
+        md = _metadata(uri, filesystem, footer, int(sizes[int(s)]) if sizes is not None else None)
+        group_rows = np.array([md.row_group(g).num_rows for g in range(md.num_row_groups)], dtype=np.int64)
+        starts = np.cumsum(group_rows) - group_rows
+        group = np.searchsorted(starts, rows, side="right") - 1
+        groups = np.unique(group)
+        fs, path = resolve(uri, filesystem)
+
+        def read(
+            fs: pafs.FileSystem = fs, path: str = path, md: pq.FileMetaData = md, groups: np.ndarray = groups
+        ) -> pa.Table:
+            with fs.open_input_file(path) as f:
+                return pq.ParquetFile(f, metadata=md).read_row_groups(groups.tolist(), columns=list(columns))
+
+        table = with_retries(uri, read)
+        # Where each wanted row sits in the concatenation of the groups read.
+        base = np.cumsum(group_rows[groups]) - group_rows[groups]
+        local = base[np.searchsorted(groups, group)] + rows - starts[group]
+        parts.append(table.take(pa.array(local, type=pa.int64())))
+        where[mine] = done + np.arange(len(mine))
+        done += len(mine)
+    if not parts:
+        return pa.table({c: pa.array([], type=pa.null()) for c in columns})
+    return pa.concat_tables(parts).take(pa.array(where, type=pa.int64()))
 
 
 def try_decode_example(

@@ -1,17 +1,25 @@
-"""The order of an epoch: a pure function of (seed, epoch) and the shard sizes.
+"""The order of an epoch: a pure function of (seed, epoch) and the shards' row groups.
 
-An epoch reads the shards in a permuted order and each shard's rows in a permuted order, both drawn
-from ``numpy.random.default_rng([seed, epoch, ...])``. So every image has a *position* in the epoch,
-the same in the Ray Data pipeline and the plain PyTorch one, on any machine.
+The epoch is one sequence of all images, the same for any number of workers. Its units are the
+shards' row groups (``shards.ROW_GROUP_SIZE`` images each): the units of all shards are permuted
+together, so consecutive positions come from many shards, and each unit's rows are permuted inside
+it. Full units come first, then the few short ones (a shard's last group), so that with units of K
+images the bulk of the epoch is cut into aligned runs of K positions. Everything is drawn from
+``numpy.random.default_rng([seed, epoch])``: the same order in the Ray Data pipeline and the plain
+PyTorch one, on any machine.
+
+Dealing to ranks: the positions are taken in rounds of ``world_size * deal_size``; of each round,
+rank r takes the ``deal_size`` positions ``[r * deal_size, (r + 1) * deal_size)``. With
+``deal_size=1`` that is rank r taking every world_size-th position. When ``deal_size`` divides the
+per-worker batch size, the first k micro-batches of all ranks together are exactly the first
+``k * world_size * batch_size`` positions of the epoch; when it is a multiple of the row-group size,
+each unit goes whole to one rank, so every image's bytes are read once per epoch.
 
 Resuming inside an epoch: the engine records how many images of the epoch were consumed, by all
-ranks together (``TrainState.images_done``), and passes it as ``skip``; the first
-``skip`` positions are dropped *before* any image is decoded. In the plain path each rank then gets
-exactly the images it had not yet seen. Under Ray Train, ``streaming_split`` hands blocks to workers
-as they ask, so which worker saw which image is not recorded: the resumed epoch skips the right
-number of images, from the head of the epoch order, but not necessarily the very images each worker
-saw. Augmentations are drawn per image from (seed, epoch, image_id), so they do not depend on where
-or when an image is decoded.
+ranks together (``TrainState.images_done``), and passes it as ``skip``; the first ``skip`` positions
+are dropped before any image is read, and the rest is dealt from there, whatever the number of
+workers now (elastic). Augmentations are drawn per image from (seed, epoch, image_id), so they do not
+depend on where or when an image is decoded.
 """
 
 from __future__ import annotations
@@ -24,68 +32,95 @@ import numpy as np
 
 @dataclass(frozen=True)
 class EpochOrder:
-    """Where each (shard, row) falls in one epoch.
+    """One epoch's images in order: ``shards``, ``rows`` and ``units`` (N,) int64 per position.
 
-    ``shard_order`` (S,) lists shard indices in reading order; ``positions[s]`` (rows of shard s,)
-    int64 gives each row's position in the epoch, in [0, N).
+    ``units`` numbers the row groups of all shards together (shard 0's first, in file order), so two
+    positions share a unit exactly when they are read from the same row group.
     """
 
-    shard_order: np.ndarray
-    positions: list[np.ndarray]
+    shards: np.ndarray
+    rows: np.ndarray
+    units: np.ndarray
 
     @property
     def num_rows(self) -> int:
-        return int(sum(len(p) for p in self.positions))
+        return len(self.rows)
 
     def sequence(self) -> np.ndarray:
         """(N, 2) int64 array of (shard, row) in epoch order."""
-        shard = np.concatenate([np.full(len(p), s) for s, p in enumerate(self.positions)] or [np.zeros(0)])
-        row = np.concatenate([np.arange(len(p)) for p in self.positions] or [np.zeros(0)])
-        pos = np.concatenate(self.positions or [np.zeros(0)])
-        out = np.empty((len(pos), 2), dtype=np.int64)
-        out[pos.astype(np.int64)] = np.stack([shard, row], axis=1)
-        return out
+        return np.stack([self.shards, self.rows], axis=1)
 
 
-def epoch_order(rows_per_shard: Sequence[int], seed: int, epoch: int, shuffle: bool = True) -> EpochOrder:
-    """The order of epoch ``epoch``; ``shuffle=False`` gives shards and rows in file order (validation)."""
-    n = len(rows_per_shard)
-    shard_order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    offsets = np.zeros(n, dtype=np.int64)
-    total = 0
-    for s in shard_order:
-        offsets[s] = total
-        total += rows_per_shard[s]
-    positions = []
-    for s, count in enumerate(rows_per_shard):
-        within = np.random.default_rng([seed, epoch, s]).permutation(count) if shuffle else np.arange(count)
-        positions.append(offsets[s] + within.astype(np.int64))
-    return EpochOrder(shard_order, positions)
+def epoch_order(
+    units_per_shard: Sequence[int | Sequence[int]], seed: int, epoch: int, shuffle: bool = True
+) -> EpochOrder:
+    """The order of epoch ``epoch`` over shards whose row groups hold ``units_per_shard[s]`` rows each.
 
-
-def rank_sequence(order: EpochOrder, skip: int, rank: int, world_size: int, even: bool = True) -> np.ndarray:
-    """(M, 2) (shard, row) pairs rank ``rank`` reads, in order, after the first ``skip`` positions.
-
-    Positions are dealt to ranks one by one (rank r takes every world_size-th). With ``even`` (for
-    training) every rank gets the same count and the last ``N mod world_size`` images of the epoch
-    are left out, as DistributedSampler with drop_last; without it (for evaluation) every image is
-    read once and the first ranks get one more.
+    An int entry is a shard in one row group. ``shuffle=False`` gives file order (validation).
     """
-    seq = order.sequence()
-    mine = seq[rank::world_size]
+    sizes_per_shard = [[int(u)] if np.isscalar(u) else [int(v) for v in u] for u in units_per_shard]
+    sizes = np.array([v for s in sizes_per_shard for v in s], dtype=np.int64)
+    shard_of = np.repeat(np.arange(len(sizes_per_shard)), [len(s) for s in sizes_per_shard]).astype(np.int64)
+    first_row = np.concatenate([np.cumsum([0, *s[:-1]]) for s in sizes_per_shard if s] or [np.zeros(0)])
+    first_row = first_row.astype(np.int64)
+    keep = np.flatnonzero(sizes > 0)
+    if shuffle:
+        rng = np.random.default_rng([seed, epoch])
+        full = keep[sizes[keep] == sizes.max(initial=0)]
+        short = keep[sizes[keep] != sizes.max(initial=0)]
+        unit_order = np.concatenate([rng.permutation(full), rng.permutation(short)])
+    else:
+        unit_order = keep
+    lens = sizes[unit_order]
+    units = np.repeat(unit_order, lens)
+    # Row within its unit: 0..len-1 per unit, then permuted inside each unit by sorting random keys.
+    within = np.arange(len(units)) - np.repeat(np.cumsum(lens) - lens, lens)
+    if shuffle and len(units):
+        block = np.repeat(np.arange(len(unit_order)), lens)
+        within = within[np.lexsort((rng.random(len(units)), block))]
+    rows = first_row[units] + within
+    return EpochOrder(shard_of[units], rows.astype(np.int64), units.astype(np.int64))
+
+
+def rank_positions(
+    num_rows: int, skip: int, rank: int, world_size: int, even: bool = True, deal_size: int = 1
+) -> np.ndarray:
+    """Indices into the epoch order of the images rank ``rank`` reads, in order, after ``skip``.
+
+    Positions from ``skip`` on are dealt in rounds of ``world_size * deal_size`` (module docstring).
+    With ``even`` (training) only whole rounds are dealt, so every rank gets the same count and up to
+    a round's worth at the end of the epoch is left out, as DistributedSampler with drop_last;
+    without it (evaluation) every image is read once and the first ranks may get more.
+    """
+    if not 0 <= rank < world_size or deal_size < 1:
+        raise ValueError(f"rank {rank} of world_size {world_size}, deal_size {deal_size}")
+    round_ = world_size * deal_size
+    n = max(num_rows - skip, 0)
     if even:
-        mine = mine[: len(seq) // world_size]
-    # Rank r holds global indices r + world_size * j; keep those at or past ``skip``.
-    start = max(0, -(-(skip - rank) // world_size))
-    return mine[start:]
+        n = n // round_ * round_
+    index = np.arange(n, dtype=np.int64)
+    return skip + index[(index % round_) // deal_size == rank]
 
 
-def shard_runs(sequence: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """Split a (M, 2) (shard, row) sequence into its runs: [(shard, rows (k,) in order), ...].
+def rank_sequence(
+    order: EpochOrder, skip: int, rank: int, world_size: int, even: bool = True, deal_size: int = 1
+) -> np.ndarray:
+    """(M, 2) (shard, row) pairs rank ``rank`` reads, in order, after the first ``skip`` positions."""
+    return order.sequence()[rank_positions(order.num_rows, skip, rank, world_size, even, deal_size)]
 
-    Epoch orders visit each shard in one run, so this is one entry per shard read.
+
+def read_groups(units: np.ndarray, target: int) -> list[slice]:
+    """Cut a rank's run of positions (their ``units``) into slices of at least ``target`` images.
+
+    Cuts fall only where the unit changes, so a row group a rank needs is read once by that rank.
     """
-    if len(sequence) == 0:
+    if len(units) == 0:
         return []
-    breaks = np.flatnonzero(np.diff(sequence[:, 0]) != 0) + 1
-    return [(int(run[0, 0]), run[:, 1].copy()) for run in np.split(sequence, breaks)]
+    starts = np.flatnonzero(np.diff(units) != 0) + 1
+    out, begin = [], 0
+    for s in starts:
+        if s - begin >= target:
+            out.append(slice(begin, int(s)))
+            begin = int(s)
+    out.append(slice(begin, len(units)))
+    return out

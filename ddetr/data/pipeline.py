@@ -2,51 +2,59 @@
 
 ::
 
-    ds = build_ray_dataset(split_dir, cfg, train=True, seed=seed, epoch=epoch)
-    trainer = TorchTrainer(..., datasets={"train": ds},
-                           dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
-    # in the train loop:
-    shard = ray.train.get_dataset_shard("train")
-    for batch in shard.iter_torch_batches(batch_size=B, collate_fn=DetrCollateFn(), drop_last=True):
+    # on each Ray Train worker, for each epoch (as ddetr.train.ray_train does):
+    ds = build_ray_dataset(split_dir, cfg, train=True, seed=seed, epoch=epoch, skip=images_done,
+                           rank=rank, world_size=world_size, deal_size=B)
+    for batch in ds.iter_torch_batches(batch_size=B, collate_fn=DetrCollateFn(), drop_last=True):
         batch["images"], batch["mask"], batch["targets"]        # see collate.py
 
-Stages. The driver computes this rank's part of the epoch order (``order.py``) and groups it by
-shard: one small item per shard, naming the file and the rows to take in order. A dataset of those
-items (one block each) is mapped by ``decode.decode_shard_rows``: one task per shard reads the rows with
-pyarrow (any ``pyarrow.fs`` filesystem) and yields decoded, augmented batches of
-``decode_batch_size`` images as it goes. ``ray.data.read_parquet`` is not used: it packs row groups
-of several files into one block in an order of its own, which would make the epoch order depend on
-block sizes. Tasks ask for ``num_cpus`` each (default 0.5): on a small machine, tasks holding a whole
-CPU each leave nothing for the trainer, and Ray Data then stalls without an error. The dataset
-preserves order, so one consumer sees exactly the plain DataLoader's order.
+Stages. The driver opens the split (``shards.open_split``: every shard's footer checked, cached per
+process), computes this rank's part of the epoch order (``order.py``) and cuts it into read items of
+about ``read_size`` images, at row-group boundaries; an item names (shard, row) pairs from many shards.
+A dataset of those items (one block each) is mapped by ``decode.decode_rows``: one task per item reads
+only the row groups holding its images (any ``pyarrow.fs`` filesystem, retried on I/O errors) and
+yields decoded, augmented batches of ``decode_batch_size`` images as it goes. ``ray.data.read_parquet``
+is not used: it packs row groups of several files into one block in an order of its own, which would
+make the epoch order depend on block sizes. Tasks ask for ``num_cpus`` each (default 0.5): on a small
+machine, tasks holding a whole CPU each leave nothing for the trainer, and Ray Data then stalls
+without an error. The dataset preserves order, so one consumer sees exactly the plain DataLoader's
+order. Images stay uint8 up to the trainer (``collate.batch_to`` normalises on its device).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import numpy as np
+import pyarrow.fs as pafs
 import ray
 import ray.data
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ddetr.data.collate import collate_columns
-from ddetr.data.decode import decode_shard_rows
-from ddetr.data.order import epoch_order, rank_sequence, shard_runs
-from ddetr.data.shards import read_metadata, shard_uris
+from ddetr.data.decode import decode_rows
+from ddetr.data.order import epoch_order, rank_positions, read_groups
+from ddetr.data.shards import open_split
 from ddetr.data.transforms import TransformConfig
 
 
 class DetrCollateFn(NumpyBatchCollateFn):
     """``iter_torch_batches(collate_fn=DetrCollateFn())``: decoded columns to the model batch.
 
-    Returns the dict of ``collate.py`` (images, mask, targets). Ray hands it back unmoved (it holds
-    a list of target dicts); move it with ``collate.batch_to(batch, device)``.
+    Returns the dict of ``collate.py`` (uint8 images, mask, targets). Ray hands it back unmoved (it
+    holds a list of target dicts); move it with ``collate.batch_to(batch, device)``, which normalises
+    the images there. ``pin_memory`` (for a CUDA trainer) pins images and mask, so that the copy to
+    the device overlaps the step; pair it with ``iter_torch_batches(prefetch_batches=...)``.
     """
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return collate_columns(batch)
+    def __init__(self, pin_memory: bool = False) -> None:
+        super().__init__()
+        self.pin_memory = pin_memory
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = collate_columns(batch)
+        if self.pin_memory:
+            out["images"], out["mask"] = out["images"].pin_memory(), out["mask"].pin_memory()
+        return out
 
 
 def build_ray_dataset(
@@ -61,6 +69,10 @@ def build_ray_dataset(
     world_size: int = 1,
     num_cpus: float = 0.5,
     decode_batch_size: int = 16,
+    deal_size: int = 1,
+    read_size: int = 64,
+    skip_unreadable: bool = False,
+    filesystem: pafs.FileSystem | None = None,
 ) -> ray.data.Dataset:
     """A Ray Dataset of decoded, augmented examples of one epoch of ``split_dir``.
 
@@ -68,34 +80,45 @@ def build_ray_dataset(
     flat cxcywh boxes, labels, image id, original size); ``DetrCollateFn`` makes model batches.
     ``train`` selects the training transform and the shuffled epoch order (validation: file order,
     the validation transform, and every image once across ranks). Build a new dataset per epoch.
-    ``num_cpus`` is what each decode task asks of Ray; ``decode_batch_size`` the images per block.
+    ``num_cpus`` is what each decode task asks of Ray; ``decode_batch_size`` the images per block;
+    ``read_size`` about how many images one task reads.
 
-    Two ways to split across Ray Train workers:
-      * each worker builds its own dataset with its ``rank`` and ``world_size``: it gets exactly
-        the images ``order.rank_sequence`` deals it (reproducible, resumable per rank; every
-        worker reads every shard's bytes but decodes only its own rows);
-      * or one dataset (``world_size=1``) passed to ``TorchTrainer(datasets=...)`` with
-        ``DataConfig(datasets_to_split=["train"])``: Ray splits blocks as workers ask for them.
+    Each Ray Train worker builds its own dataset with its ``rank`` and ``world_size``: it gets exactly
+    the images ``order.rank_positions`` deals it and reads only the row groups holding them. Pass the
+    per-worker batch size as ``deal_size`` (any divisor of it keeps resuming exact; with a multiple of
+    the row-group size no row group is read by two ranks).
     ``skip`` counts the images of the epoch already consumed by all ranks together (``order.py``).
+    The split is opened with ``shards.open_split``: an unreadable shard raises
+    ``shards.UnreadableShardError`` here, before any step, unless ``skip_unreadable``.
+    ``filesystem`` reads ``split_dir`` as a path inside it instead of resolving it.
     """
-    if "://" not in split_dir:
-        split_dir = os.path.abspath(split_dir)  # tasks may run in another working directory
-    meta = read_metadata(split_dir)
-    order = epoch_order([s.num_rows for s in meta.shards], seed, epoch, shuffle=train)
-    uris = shard_uris(split_dir, meta)
-    runs = shard_runs(rank_sequence(order, skip, rank, world_size, even=train))
-    plan = [{"uri": uris[shard], "rows": rows.tolist()} for shard, rows in runs]
+    split = open_split(split_dir, filesystem=filesystem, skip_unreadable=skip_unreadable)
+    order = epoch_order(split.units, seed, epoch, shuffle=train)
+    mine = rank_positions(order.num_rows, skip, rank, world_size, even=train, deal_size=deal_size)
+    plan = [
+        {"shard": order.shards[mine[cut]].tolist(), "row": order.rows[mine[cut]].tolist()}
+        for cut in read_groups(order.units[mine], read_size)
+    ]
     if not plan:
         return ray.data.from_items([])
-    # One block per shard, by construction: a Parquet reader would pack row groups of several
+    # One block per item, by construction: a Parquet reader would pack row groups of several
     # shards into one block, or split a shard, in an order of its own.
     ds = ray.data.from_items(plan, override_num_blocks=len(plan))
     ds = ds.map_batches(
-        decode_shard_rows,  # in decode.py: a task's worker imports neither torch nor ray.data for it
+        decode_rows,  # in decode.py: a task's worker imports neither torch nor ray.data for it
         batch_format="pyarrow",
-        batch_size=1,  # one shard per call: one task per shard, it yields decoded batches as it goes
+        batch_size=1,  # one item per call: one task per item, it yields decoded batches as it goes
         num_cpus=num_cpus,
-        fn_kwargs={"cfg": cfg, "train": train, "seed": seed, "epoch": epoch, "chunk": decode_batch_size},
+        fn_kwargs={
+            "uris": split.uris,
+            "sizes": [f.size if f is not None else -1 for f in split.footers],
+            "cfg": cfg,
+            "train": train,
+            "seed": seed,
+            "epoch": epoch,
+            "chunk": decode_batch_size,
+            "filesystem": filesystem,
+        },
     )
     ds.context.execution_options.preserve_order = True
     return ds

@@ -10,12 +10,13 @@ Everything is a pure function of the seed.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
+from io import BytesIO
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ddetr import io
 from ddetr.data.convert import convert_coco
 
 # (id, name, RGB colour): distinct hues so colour alone nearly tells the class.
@@ -49,20 +50,22 @@ def make_synthetic_coco(
     image_size: tuple[int, int] = (128, 192),
     max_objects: int = 4,
     shard_size: int = 256,
+    row_group_size: int | None = None,
 ) -> SyntheticPaths:
     """Write a synthetic COCO dataset and its shards under ``out_dir``.
 
     Layout: ``images/{train,val}/*.jpg``, ``annotations/instances_{train,val}.json``,
     ``shards/{train,val}/``. Image sides are drawn uniformly from ``image_size`` (min, max).
+    ``row_group_size`` defaults to the converter's. ``out_dir`` may be a URI (``s3://bucket/synth``).
     """
     paths = SyntheticPaths(
         root=out_dir,
-        train_images=os.path.join(out_dir, "images", "train"),
-        train_annotations=os.path.join(out_dir, "annotations", "instances_train.json"),
-        train_shards=os.path.join(out_dir, "shards", "train"),
-        val_images=os.path.join(out_dir, "images", "val"),
-        val_annotations=os.path.join(out_dir, "annotations", "instances_val.json"),
-        val_shards=os.path.join(out_dir, "shards", "val"),
+        train_images=io.join(out_dir, "images", "train"),
+        train_annotations=io.join(out_dir, "annotations", "instances_train.json"),
+        train_shards=io.join(out_dir, "shards", "train"),
+        val_images=io.join(out_dir, "images", "val"),
+        val_annotations=io.join(out_dir, "annotations", "instances_val.json"),
+        val_shards=io.join(out_dir, "shards", "val"),
     )
     for split_code, (n, images, annotation_file, shards) in enumerate(
         [
@@ -71,7 +74,8 @@ def make_synthetic_coco(
         ]
     ):
         write_split(images, annotation_file, n, seed, split_code, image_size, max_objects)
-        convert_coco(images, annotation_file, shards, shard_size=shard_size, progress=False)
+        extra = {} if row_group_size is None else {"row_group_size": row_group_size}
+        convert_coco(images, annotation_file, shards, shard_size=shard_size, progress=False, **extra)
     return paths
 
 
@@ -84,16 +88,17 @@ def write_split(
     image_size: tuple[int, int],
     max_objects: int,
 ) -> None:
-    """Draw ``num_images`` images into ``image_dir`` and write their COCO json to ``annotation_file``."""
-    os.makedirs(image_dir, exist_ok=True)
-    os.makedirs(os.path.dirname(annotation_file), exist_ok=True)
+    """Draw ``num_images`` images into ``image_dir`` and write their COCO json to ``annotation_file`` (paths or
+    URIs)."""
     images, annotations = [], []
     for i in range(num_images):
         rng = np.random.default_rng([seed, split_code, i])
         image_id = i + 1
         img, objects = draw_image(rng, image_size, max_objects)
         name = f"{image_id:08d}.jpg"
-        img.save(os.path.join(image_dir, name), quality=90)
+        jpeg = BytesIO()
+        img.save(jpeg, format="JPEG", quality=90)
+        io.atomic_write(io.join(image_dir, name), jpeg.getvalue())
         images.append({"id": image_id, "file_name": name, "height": img.height, "width": img.width})
         for cat, box, area in objects:
             annotations.append(
@@ -112,10 +117,7 @@ def write_split(
         "annotations": annotations,
         "categories": [{"id": c, "name": n, "supercategory": "shape"} for c, n, _ in CATEGORIES],
     }
-    tmp = annotation_file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(coco, f)
-    os.replace(tmp, annotation_file)
+    io.atomic_write(annotation_file, json.dumps(coco))
 
 
 def draw_image(

@@ -2,7 +2,7 @@
 
 Parameter names equal torchvision's ResNet (`conv1`, `bn1`, `layer1.0.conv1`, `...downsample.0`), so its
 ImageNet weights load directly, and under the model they read `backbone.0.body.*` as in the official release.
-Nothing is downloaded unless `load_imagenet_weights` is called with a URL.
+Nothing is downloaded unless `build_backbone` is given "imagenet" or a URL and asked to load it.
 """
 
 from __future__ import annotations
@@ -164,26 +164,33 @@ class ResNet(nn.Module):
         return {"layer2": c3, "layer3": c4, "layer4": c5}
 
 
+def has_pretrained_weights(source: str | None) -> bool:
+    """Whether `model.pretrained_backbone` names weights ("imagenet", a path, a URL) rather than random init."""
+    return source is not None and source.strip().lower() not in ("", "none", "null")
+
+
 def load_imagenet_weights(body: ResNet, source: str, name: str) -> None:
     """Load torchvision ImageNet weights into `body` from a local path, a URL, or "imagenet" (the torchvision URL).
 
     The classifier (`fc.*`) is dropped; every other key must match, else a RuntimeError names them.
     """
-    if source == "imagenet":
+    if source.lower() == "imagenet":
         source = IMAGENET_URLS[name]
     if source.startswith(("http://", "https://")):
         try:
             state = torch.hub.load_state_dict_from_url(source, map_location="cpu", progress=False)
         except Exception as e:  # URLError, HTTPError, socket errors...: all mean "could not fetch"
+            reason = " ".join(str(e).split())  # one line, whatever the network error printed
             raise RuntimeError(
-                f"could not download the {name} backbone weights from {source} ({e}); download the file "
-                f"elsewhere and set model.pretrained_backbone to its local path, or to None for random init"
+                f"could not download the {name} backbone weights from {source} ({reason}); fetch that file "
+                f"elsewhere and pass model.pretrained_backbone=/path/to/{os.path.basename(source)}, or "
+                f"model.pretrained_backbone=none to train from random weights"
             ) from e
     else:
         if not os.path.isfile(source):
             raise FileNotFoundError(
                 f"backbone weights file {source!r} not found; set model.pretrained_backbone to an existing "
-                f"torchvision {name} .pth file, a URL, 'imagenet', or None for random init"
+                f"torchvision {name} .pth file, a URL, 'imagenet', or 'none' for random init"
             )
         state = torch.load(source, map_location="cpu", weights_only=True)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
@@ -202,15 +209,24 @@ class Backbone(nn.Module):
         name: resnet18/34/50/101.
         return_interm_layers: return C3, C4, C5 (strides 8, 16, 32) rather than C5 alone.
         dilation: DC5 (the last level at stride 16).
-        train_backbone: when False every parameter is frozen; when True only the stem and layer1 are.
+        train_backbone: when False every parameter is frozen (the official `lr_backbone <= 0`).
+        pretrained: the body will hold pretrained weights, so the stem and layer1 are frozen at them (the official
+            schedule); from random weights nothing is frozen, since random low-level filters must learn.
     """
 
-    def __init__(self, name: str, return_interm_layers: bool, dilation: bool, train_backbone: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        return_interm_layers: bool,
+        dilation: bool,
+        train_backbone: bool = True,
+        pretrained: bool = True,
+    ) -> None:
         super().__init__()
         self.body = ResNet(name, dilation)
         for pname, p in self.body.named_parameters():
-            # Official schedule: the stem and layer1 stay at their ImageNet values.
-            if not train_backbone or not pname.startswith(("layer2", "layer3", "layer4")):
+            late_stage = pname.startswith(("layer2", "layer3", "layer4"))
+            if not train_backbone or (pretrained and not late_stage):
                 p.requires_grad_(False)
         self.return_layers = ["layer2", "layer3", "layer4"] if return_interm_layers else ["layer4"]
         self.strides = [8, 16, 32] if return_interm_layers else [32]
@@ -255,9 +271,24 @@ def build_backbone(
     dilation: bool = False,
     pretrained: str | None = None,
     train_backbone: bool = True,
+    load_weights: bool = True,
 ) -> Joiner:
-    """ResNet + sine position encoding (d_model/2 features per axis); loads `pretrained` weights if given."""
-    backbone = Backbone(name, return_interm_layers=multi_scale, dilation=dilation, train_backbone=train_backbone)
-    if pretrained is not None:
-        load_imagenet_weights(backbone.body, pretrained, name)
+    """ResNet + sine position encoding (d_model/2 features per axis).
+
+    Args:
+        pretrained: "imagenet", a path or a URL of torchvision weights; None or "none" for random init.
+        train_backbone: False freezes the whole ResNet.
+        load_weights: False skips reading `pretrained` (a full checkpoint is loaded next) but freezes the same
+            parameters, so that a resumed optimizer sees the trainable parameters it was saved with.
+    """
+    pretrained_body = has_pretrained_weights(pretrained)
+    backbone = Backbone(
+        name,
+        return_interm_layers=multi_scale,
+        dilation=dilation,
+        train_backbone=train_backbone,
+        pretrained=pretrained_body,
+    )
+    if pretrained_body and load_weights:
+        load_imagenet_weights(backbone.body, pretrained.strip(), name)
     return Joiner(backbone, PositionEmbeddingSine(d_model // 2, normalize=True))

@@ -2,38 +2,46 @@
 
 from __future__ import annotations
 
+import logging
+
 from ddetr.config import Config, LossConfig, ModelConfig
-from ddetr.models.backbone import build_backbone
+from ddetr.models.backbone import build_backbone, has_pretrained_weights
 from ddetr.models.criterion import SetCriterion, build_weight_dict
 from ddetr.models.deformable_detr import DeformableDETR, PostProcess
 from ddetr.models.deformable_transformer import build_deformable_transformer
 from ddetr.models.matcher import build_matcher
 
+log = logging.getLogger(__name__)
 
-def build_detector(m: ModelConfig) -> DeformableDETR:
-    """The model alone (no criterion), e.g. for inference or to read a checkpoint's keys."""
+
+def build_detector(
+    m: ModelConfig, *, load_backbone_weights: bool = True, train_backbone: bool = True
+) -> DeformableDETR:
+    """The model alone (no criterion), e.g. for inference or to read a checkpoint's keys.
+
+    Args:
+        m: the model config; `m.pretrained_backbone` decides the backbone's weights and what is frozen.
+        load_backbone_weights: False when a full checkpoint is loaded next (eval, predict, resume, init_from):
+            nothing is fetched, but the same parameters are frozen as with the weights.
+        train_backbone: False freezes the whole backbone (`train.lr_backbone=0`).
+    """
+    if load_backbone_weights and not has_pretrained_weights(m.pretrained_backbone):
+        log.warning(
+            "model.pretrained_backbone=%s: the %s starts from random weights and every stage trains; the paper's "
+            "numbers assume ImageNet weights (model.pretrained_backbone=imagenet)",
+            m.pretrained_backbone,
+            m.backbone,
+        )
     backbone = build_backbone(
         m.backbone,
         m.d_model,
         multi_scale=m.num_feature_levels > 1,
         dilation=m.dilation,
         pretrained=m.pretrained_backbone,
+        train_backbone=train_backbone,
+        load_weights=load_backbone_weights,
     )
-    transformer = build_deformable_transformer(
-        d_model=m.d_model,
-        nheads=m.nheads,
-        enc_layers=m.enc_layers,
-        dec_layers=m.dec_layers,
-        dim_feedforward=m.dim_feedforward,
-        dropout=m.dropout,
-        num_feature_levels=m.num_feature_levels,
-        dec_n_points=m.dec_n_points,
-        enc_n_points=m.enc_n_points,
-        two_stage=m.two_stage,
-        num_queries=m.num_queries,
-        msda_backend=m.msda_backend,
-        checkpoint_encoder=m.checkpoint_encoder,
-    )
+    transformer = build_deformable_transformer(m)
     return DeformableDETR(
         backbone,
         transformer,
@@ -47,7 +55,7 @@ def build_detector(m: ModelConfig) -> DeformableDETR:
 
 
 def build_criterion(m: ModelConfig, loss: LossConfig) -> SetCriterion:
-    matcher = build_matcher(loss.set_cost_class, loss.set_cost_bbox, loss.set_cost_giou, loss.focal_alpha)
+    matcher = build_matcher(loss.set_cost_class, loss.set_cost_bbox, loss.set_cost_giou, loss.matcher_focal_alpha)
     weight_dict = build_weight_dict(
         loss.cls_loss_coef,
         loss.bbox_loss_coef,
@@ -59,9 +67,17 @@ def build_criterion(m: ModelConfig, loss: LossConfig) -> SetCriterion:
     return SetCriterion(m.num_classes, matcher, weight_dict, focal_alpha=loss.focal_alpha)
 
 
-def build_model(cfg: Config) -> tuple[DeformableDETR, SetCriterion, dict[str, PostProcess]]:
+def build_model(
+    cfg: Config, *, load_backbone_weights: bool = True
+) -> tuple[DeformableDETR, SetCriterion, dict[str, PostProcess]]:
     """-> (model, criterion, {"bbox": PostProcess()}), the three pieces the training engine needs.
 
     `criterion.weight_dict` holds the loss weights and `criterion.total_loss(losses)` their weighted sum.
+    `train.lr_backbone <= 0` freezes the whole backbone, as the official `train_backbone`, so its parameters
+    get no gradient and stay out of the optimizer and the clipping norm. `load_backbone_weights`: see
+    `build_detector`.
     """
-    return build_detector(cfg.model), build_criterion(cfg.model, cfg.loss), {"bbox": PostProcess()}
+    model = build_detector(
+        cfg.model, load_backbone_weights=load_backbone_weights, train_backbone=cfg.train.lr_backbone > 0
+    )
+    return model, build_criterion(cfg.model, cfg.loss), {"bbox": PostProcess()}

@@ -191,7 +191,17 @@ class PostProcess(nn.Module):
             B dicts with "scores" (N,), "labels" (N,) int64 and "boxes" (N, 4) absolute xyxy, N = min(100, Q*K),
             best first. Scores are sigmoids: a query may report several classes.
         """
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        scores, labels, boxes = self.batched(outputs["pred_logits"], outputs["pred_boxes"], target_sizes)
+        return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes, strict=True)]
+
+    def batched(
+        self, logits: torch.Tensor, boxes: torch.Tensor, target_sizes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` as three batch tensors: scores (B, N), labels (B, N) and boxes (B, N, 4) (what ONNX exports).
+
+        Args:
+            logits: (B, Q, K); boxes: (B, Q, 4) (cx, cy, w, h) in [0, 1]; target_sizes: (B, 2) (h, w).
+        """
         B, Q, K = logits.shape
         prob = logits.sigmoid().view(B, Q * K)
         scores, index = torch.topk(prob, min(self.num_select, Q * K), dim=1)
@@ -199,5 +209,4 @@ class PostProcess(nn.Module):
         boxes = torch.gather(box_ops.box_cxcywh_to_xyxy(boxes), 1, query[..., None].expand(-1, -1, 4))
         img_h, img_w = target_sizes.unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(boxes.dtype)
-        boxes = boxes * scale[:, None, :]
-        return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes, strict=True)]
+        return scores, labels, boxes * scale[:, None, :]

@@ -17,21 +17,22 @@ class DeformableTransformerEncoderLayer(nn.Module):
 
     def __init__(
         self,
+        *,
         d_model: int = 256,
-        d_ffn: int = 1024,
+        dim_feedforward: int = 1024,
         dropout: float = 0.1,
-        n_levels: int = 4,
-        n_heads: int = 8,
+        num_feature_levels: int = 4,
+        nheads: int = 8,
         n_points: int = 4,
         msda_backend: str | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=msda_backend)
+        self.self_attn = MSDeformAttn(d_model, num_feature_levels, nheads, n_points, backend=msda_backend)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout2 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
@@ -60,11 +61,11 @@ class DeformableTransformerEncoder(nn.Module):
         self.checkpointing = checkpointing
 
     @staticmethod
-    def get_reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
+    def get_reference_points(level_shapes: list[tuple[int, int]], valid_ratios: torch.Tensor) -> torch.Tensor:
         """Pixel centres of every level as reference points for every level.
 
         Args:
-            spatial_shapes: (L, 2) (H, W) per level.
+            level_shapes: (H, W) per level, as numbers (symbolic ones while torch.export traces).
             valid_ratios: (B, L, 2) valid fraction (w, h) of each level.
 
         Returns:
@@ -72,10 +73,11 @@ class DeformableTransformerEncoder(nn.Module):
             expressed in each level's padded coordinates, so padding never shifts where a pixel looks.
         """
         refs = []
-        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+        for lvl, (H, W) in enumerate(level_shapes):
+            # arange + 0.5 equals linspace(0.5, H - 0.5, H) exactly, and takes a symbolic H.
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, H - 0.5, H, dtype=torch.float32, device=valid_ratios.device),
-                torch.linspace(0.5, W - 0.5, W, dtype=torch.float32, device=valid_ratios.device),
+                torch.arange(H, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+                torch.arange(W, dtype=torch.float32, device=valid_ratios.device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * H)  # (B, H*W)
@@ -92,9 +94,16 @@ class DeformableTransformerEncoder(nn.Module):
         valid_ratios: torch.Tensor,
         pos: torch.Tensor,
         padding_mask: torch.Tensor,
+        level_shapes: list[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
-        """src, pos (B, S, D); padding_mask (B, S) -> memory (B, S, D)."""
-        reference_points = self.get_reference_points(spatial_shapes, valid_ratios)
+        """src, pos (B, S, D); padding_mask (B, S) -> memory (B, S, D).
+
+        level_shapes: spatial_shapes as numbers, when the caller has them from the maps' own shapes (then a graph
+        that torch.export traces keeps them symbolic: any image size); None reads them from spatial_shapes.
+        """
+        if level_shapes is None:
+            level_shapes = [tuple(hw) for hw in spatial_shapes.tolist()]
+        reference_points = self.get_reference_points(level_shapes, valid_ratios)
         output = src
         for layer in self.layers:
             args = (output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)

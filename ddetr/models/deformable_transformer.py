@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,9 @@ from torch import nn
 
 from ddetr.models.deformable_encoder import DeformableTransformerEncoder, DeformableTransformerEncoderLayer
 from ddetr.ops import MSDeformAttn
+
+if TYPE_CHECKING:
+    from ddetr.config import ModelConfig
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -28,24 +32,25 @@ class DeformableTransformerDecoderLayer(nn.Module):
 
     def __init__(
         self,
+        *,
         d_model: int = 256,
-        d_ffn: int = 1024,
+        dim_feedforward: int = 1024,
         dropout: float = 0.1,
-        n_levels: int = 4,
-        n_heads: int = 8,
+        num_feature_levels: int = 4,
+        nheads: int = 8,
         n_points: int = 4,
         msda_backend: str | None = None,
     ) -> None:
         super().__init__()
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=msda_backend)
+        self.cross_attn = MSDeformAttn(d_model, num_feature_levels, nheads, n_points, backend=msda_backend)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(d_model, nheads, dropout=dropout, batch_first=True)
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout3 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
@@ -140,43 +145,45 @@ class DeformableTransformerDecoder(nn.Module):
 class DeformableTransformer(nn.Module):
     """Encoder + decoder over flattened multi-level maps, with the query and two-stage machinery.
 
-    Args:
-        d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout: the usual sizes.
+    Args (keyword-only, named as in `ModelConfig`):
+        d_model, nheads, enc_layers, dec_layers, dim_feedforward, dropout: the usual sizes.
         num_feature_levels: L, the number of maps given to forward.
         dec_n_points, enc_n_points: sampling points per head and level.
         two_stage: take the queries from the top-scoring encoder proposals instead of learned embeddings.
-        two_stage_num_proposals: proposals kept (= number of queries).
+        num_queries: the decoder's queries; in two-stage mode, the encoder proposals kept.
         msda_backend: backend of every MSDeformAttn (None: environment's choice).
         checkpoint_encoder: activation checkpointing of the encoder layers.
     """
 
     def __init__(
         self,
+        *,
         d_model: int = 256,
-        nhead: int = 8,
-        num_encoder_layers: int = 6,
-        num_decoder_layers: int = 6,
+        nheads: int = 8,
+        enc_layers: int = 6,
+        dec_layers: int = 6,
         dim_feedforward: int = 1024,
         dropout: float = 0.1,
         num_feature_levels: int = 4,
         dec_n_points: int = 4,
         enc_n_points: int = 4,
         two_stage: bool = False,
-        two_stage_num_proposals: int = 300,
+        num_queries: int = 300,
         msda_backend: str | None = None,
         checkpoint_encoder: bool = False,
     ) -> None:
         super().__init__()
-        self.d_model, self.nhead = d_model, nhead
-        self.two_stage, self.two_stage_num_proposals = two_stage, two_stage_num_proposals
+        self.d_model, self.nheads = d_model, nheads
+        self.two_stage, self.num_queries = two_stage, num_queries
+        sizes = {"d_model": d_model, "dim_feedforward": dim_feedforward, "dropout": dropout, "nheads": nheads}
         enc_layer = DeformableTransformerEncoderLayer(
-            d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points, msda_backend
+            **sizes, num_feature_levels=num_feature_levels, n_points=enc_n_points, msda_backend=msda_backend
         )
-        self.encoder = DeformableTransformerEncoder(enc_layer, num_encoder_layers, checkpoint_encoder)
+        self.encoder = DeformableTransformerEncoder(enc_layer, enc_layers, checkpoint_encoder)
         dec_layer = DeformableTransformerDecoderLayer(
-            d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points, msda_backend
+            **sizes, num_feature_levels=num_feature_levels, n_points=dec_n_points, msda_backend=msda_backend
         )
-        self.decoder = DeformableTransformerDecoder(dec_layer, num_decoder_layers)
+        self.decoder = DeformableTransformerDecoder(dec_layer, dec_layers)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
@@ -217,12 +224,12 @@ class DeformableTransformer(nn.Module):
         return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
 
     def gen_encoder_output_proposals(
-        self, memory: torch.Tensor, memory_padding_mask: torch.Tensor, spatial_shapes: torch.Tensor
+        self, memory: torch.Tensor, memory_padding_mask: torch.Tensor, level_shapes: list[tuple[int, int]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One proposal box per encoder pixel: centred on it, of side 0.05 * 2^level of the valid image.
 
         Args:
-            memory: (B, S, D); memory_padding_mask: (B, S); spatial_shapes: (L, 2).
+            memory: (B, S, D); memory_padding_mask: (B, S); level_shapes: (H, W) per level, as numbers.
 
         Returns:
             output_memory (B, S, D): the memory through `enc_output`, zeroed first at padding and at proposals
@@ -231,13 +238,14 @@ class DeformableTransformer(nn.Module):
         """
         B = memory.shape[0]
         proposals, start = [], 0
-        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+        for lvl, (H, W) in enumerate(level_shapes):
             mask = memory_padding_mask[:, start : start + H * W].view(B, H, W)
             valid_H = (~mask[:, :, 0]).sum(1)
             valid_W = (~mask[:, 0, :]).sum(1)
+            # arange equals linspace(0, H - 1, H) exactly, and takes a symbolic H (torch.export).
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, H - 1, H, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, W - 1, W, dtype=torch.float32, device=memory.device),
+                torch.arange(H, dtype=torch.float32, device=memory.device),
+                torch.arange(W, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             grid = torch.stack([grid_x, grid_y], -1)  # (H, W, 2)
@@ -284,23 +292,36 @@ class DeformableTransformer(nn.Module):
         src_flatten = torch.cat(src_flatten, 1)  # (B, S, D)
         mask_flatten = torch.cat(mask_flatten, 1)  # (B, S)
         lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)  # (L, 2)
+        # (L, 2) made of scalar tensors rather than as_tensor(shapes), which torch.export would fix to this image size.
+        spatial_shapes = torch.stack(
+            [
+                torch.stack([torch.scalar_tensor(n, dtype=torch.long, device=src_flatten.device) for n in hw])
+                for hw in shapes
+            ]
+        )
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)  # (B, L, 2)
 
+        level_shapes = [(H, W) for H, W in shapes]  # numbers from the maps' shapes: symbolic under torch.export
         memory = self.encoder(
-            src_flatten, spatial_shapes, level_start_index, valid_ratios, lvl_pos_embed_flatten, mask_flatten
+            src_flatten,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            lvl_pos_embed_flatten,
+            mask_flatten,
+            level_shapes,
         )
 
         B, S, D = memory.shape
         enc_outputs_class = enc_outputs_coord_unact = None
         if self.two_stage:
             assert self.decoder.class_embed is not None and self.decoder.bbox_embed is not None
-            output_memory, output_proposals = self.gen_encoder_output_proposals(memory, mask_flatten, spatial_shapes)
+            output_memory, output_proposals = self.gen_encoder_output_proposals(memory, mask_flatten, level_shapes)
             # The extra (last) heads score every pixel's proposal: first stage of the two-stage variant.
             enc_outputs_class = self.decoder.class_embed[self.decoder.num_layers](output_memory)  # (B, S, K)
             enc_outputs_coord_unact = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + output_proposals
-            k = self.two_stage_num_proposals
+            k = self.num_queries
             if k > S:
                 raise ValueError(
                     f"two-stage keeps {k} proposals but the feature maps have only {S} positions; "
@@ -329,33 +350,20 @@ class DeformableTransformer(nn.Module):
         return hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact
 
 
-def build_deformable_transformer(
-    d_model: int,
-    nheads: int,
-    enc_layers: int,
-    dec_layers: int,
-    dim_feedforward: int,
-    dropout: float,
-    num_feature_levels: int,
-    dec_n_points: int,
-    enc_n_points: int,
-    two_stage: bool,
-    num_queries: int,
-    msda_backend: str | None = None,
-    checkpoint_encoder: bool = False,
-) -> DeformableTransformer:
+def build_deformable_transformer(m: ModelConfig) -> DeformableTransformer:
+    """The transformer of a model config."""
     return DeformableTransformer(
-        d_model=d_model,
-        nhead=nheads,
-        num_encoder_layers=enc_layers,
-        num_decoder_layers=dec_layers,
-        dim_feedforward=dim_feedforward,
-        dropout=dropout,
-        num_feature_levels=num_feature_levels,
-        dec_n_points=dec_n_points,
-        enc_n_points=enc_n_points,
-        two_stage=two_stage,
-        two_stage_num_proposals=num_queries,
-        msda_backend=msda_backend,
-        checkpoint_encoder=checkpoint_encoder,
+        d_model=m.d_model,
+        nheads=m.nheads,
+        enc_layers=m.enc_layers,
+        dec_layers=m.dec_layers,
+        dim_feedforward=m.dim_feedforward,
+        dropout=m.dropout,
+        num_feature_levels=m.num_feature_levels,
+        dec_n_points=m.dec_n_points,
+        enc_n_points=m.enc_n_points,
+        two_stage=m.two_stage,
+        num_queries=m.num_queries,
+        msda_backend=m.msda_backend,
+        checkpoint_encoder=m.checkpoint_encoder,
     )

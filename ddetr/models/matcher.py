@@ -22,7 +22,8 @@ class HungarianMatcher(nn.Module):
 
     Args:
         cost_class, cost_bbox, cost_giou: weights of the three costs (official: 2, 5, 2).
-        focal_alpha, focal_gamma: parameters of the class cost.
+        focal_alpha, focal_gamma: parameters of the class cost. The official matcher fixes alpha at 0.25 even
+            when the loss uses another, so it is `loss.matcher_focal_alpha`, apart from `loss.focal_alpha`.
     """
 
     def __init__(

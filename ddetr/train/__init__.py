@@ -4,7 +4,10 @@
     from ddetr.train import train
     metrics = train(cfg, engine="ray")      # or engine="local": one process, no Ray
 
-Importing this package does not import Ray; `engine="ray"` does.
+    from ddetr.train import build_trainer, check_result     # a TorchTrainer to fit yourself (e.g. in a Tune trial)
+    metrics = check_result(build_trainer(cfg).fit())
+
+Importing this package does not import Ray; `engine="ray"`, `build_trainer` and `check_result` do.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from ddetr.config import Config
 
 log = logging.getLogger(__name__)
 
+__all__ = ["build_trainer", "check_result", "train"]
+
 
 def train(cfg: Config, engine: str = "ray", resume: str | None = None) -> dict[str, Any]:
     """Train `cfg` and return the metrics of its last epoch.
@@ -26,6 +31,12 @@ def train(cfg: Config, engine: str = "ray", resume: str | None = None) -> dict[s
         resume: a checkpoint folder to start from. Without it, a run whose storage path and name already hold
             checkpoints continues from the latest one.
     """
+    from ddetr.config import named
+    from ddetr.train.checkpoints import check_continuation
+
+    cfg = named(cfg)
+    if resume is None:
+        check_continuation(cfg)
     if engine == "local":
         from ddetr.train.local import LocalRuntime
         from ddetr.train.loop import fit
@@ -36,17 +47,27 @@ def train(cfg: Config, engine: str = "ray", resume: str | None = None) -> dict[s
         finally:
             runtime.close()
     if engine == "ray":
-        from ddetr.train.engine import NonFiniteLossError
-        from ddetr.train.ray_train import NONFINITE_KEY, build_trainer, init_local_ray
+        import ray
 
-        init_local_ray()
+        from ddetr.data.shards import open_split
+        from ddetr.train.ray_train import build_trainer, check_fits, check_result, init_local_ray, resolve_resources
+
+        for split in (cfg.data.train, cfg.data.val):  # a bad shard is named now, not by a worker mid-epoch
+            if split:
+                open_split(split, skip_unreadable=cfg.data.skip_unreadable_shards)
+        if init_local_ray():  # a Ray that cannot grow: a run that does not fit would wait forever
+            check_fits(resolve_resources(cfg), ray.cluster_resources())
         result = build_trainer(cfg, resume=resume).fit()
-        if result.error is not None:
-            raise result.error
-        if NONFINITE_KEY in (result.metrics or {}):
-            raise NonFiniteLossError(
-                f"{result.metrics[NONFINITE_KEY]}; the run stopped, its last good checkpoint is {result.checkpoint}"
-            )
+        metrics = check_result(result)
         log.info("run stored at %s", result.path)
-        return dict(result.metrics or {})
+        return metrics
     raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
+
+
+def __getattr__(name: str) -> Any:
+    # Ray is imported only when its adapter is asked for.
+    if name in ("build_trainer", "check_result"):
+        from ddetr.train import ray_train
+
+        return getattr(ray_train, name)
+    raise AttributeError(f"module 'ddetr.train' has no attribute {name!r}")

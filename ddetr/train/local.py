@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,41 +16,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddetr.config import Config
+from ddetr import io
+from ddetr.config import Config, ConfigError, named
 from ddetr.data.coco_eval import CocoEvaluator
 from ddetr.data.loader import build_dataloader
 from ddetr.data.transforms import TransformConfig
+from ddetr.train.checkpoints import (
+    checkpoint_name,
+    checkpoint_score,
+    fetch_checkpoint,
+    latest_intact,
+    list_checkpoints,
+    run_dir,
+)
 from ddetr.train.logbook import Logbook
-from ddetr.train.state import STATE_FILE, checkpoint_score
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "checkpoint_"
-_CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}\d{{8}}")  # not "<name>.tmp", a copy cut short
-
-
-def checkpoint_name(step: int) -> str:
-    """The folder name of the checkpoint taken after optimizer step `step`."""
-    return f"{CHECKPOINT_PREFIX}{step:08d}"
-
-
-def run_dir(cfg: Config) -> Path:
-    """`train.storage_path / train.name`, made absolute."""
-    return Path(cfg.train.storage_path).expanduser().resolve() / cfg.train.name
-
-
-def transform_config(cfg: Config) -> TransformConfig:
-    return TransformConfig().scaled(cfg.data.scale) if cfg.data.scale != 1.0 else TransformConfig()
-
-
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints of a run folder, oldest first (a checkpoint is complete once its state file exists)."""
-    found = [
-        p
-        for p in directory.glob(f"{CHECKPOINT_PREFIX}*")
-        if _CHECKPOINT_NAME.fullmatch(p.name) and (p / STATE_FILE).exists()
-    ]
-    return sorted(found, key=lambda p: p.name)
 
 
 class LocalRuntime:
@@ -58,18 +39,24 @@ class LocalRuntime:
 
     Checkpoints go to `run_dir/checkpoint_<step>`: written in a temporary folder and renamed into place; the best
     `keep_checkpoints` by validation AP and the latest are kept. A run restarted with the same storage path and
-    name continues from its latest checkpoint; `resume` names another checkpoint to start from instead.
+    name continues from its latest intact checkpoint; `resume` names another checkpoint to start from instead.
     """
 
     def __init__(self, cfg: Config, device: str | torch.device | None = None, resume: str | None = None) -> None:
+        cfg = named(cfg)
         self.cfg = cfg
         self.rank, self.world_size = 0, 1
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dir = run_dir(cfg)
+        if io.is_uri(cfg.train.storage_path):
+            raise ConfigError(
+                f"train.storage_path={cfg.train.storage_path}: the local engine keeps its run folder on this machine; "
+                "train with --engine ray to store the run in object storage, or give a local folder"
+            )
+        self.dir = Path(run_dir(cfg.train.storage_path, cfg.train.name))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.resume = resume
         self.logbook = Logbook(self.dir)
-        self.transforms = transform_config(cfg)
+        self.transforms = TransformConfig().scaled(cfg.data.scale)
         self._evaluator = CocoEvaluator.from_shards(cfg.data.val) if cfg.data.val else None
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -85,6 +72,7 @@ class LocalRuntime:
             epoch=epoch,
             skip=skip_images,
             num_workers=self.cfg.data.loader_workers,
+            skip_unreadable=self.cfg.data.skip_unreadable_shards,
         )
 
     def val_batches(self) -> Iterable[dict] | None:
@@ -99,10 +87,12 @@ class LocalRuntime:
         )
 
     def evaluate(self, predictions: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
-        return self._evaluator.evaluate(predictions)
+        stats = self._evaluator.evaluate(predictions)
+        self.logbook.write("coco_eval", 0, {"text": self._evaluator.summary_text})
+        return stats
 
-    def log_step(self, step: int, metrics: dict[str, Any]) -> None:
-        self.logbook.write("step", step, metrics)
+    def log(self, kind: str, step: int, metrics: dict[str, Any]) -> None:
+        self.logbook.write(kind, step, metrics)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         if not metrics.get("mid_epoch"):  # a mid-epoch checkpoint's metrics are its step's, logged already
@@ -126,14 +116,14 @@ class LocalRuntime:
             if p not in keep:
                 shutil.rmtree(p, ignore_errors=True)
 
+    def preemption_deadline(self) -> float | None:
+        return None  # one process on its own machine: nothing announces a preemption
+
     def latest_checkpoint(self) -> Path | None:
         if self.resume:
-            return Path(self.resume)
-        checkpoints = list_checkpoints(self.dir)
-        return checkpoints[-1] if checkpoints else None
-
-    def local_run_dir(self) -> Path | None:
-        return self.dir
+            self._downloads = tempfile.TemporaryDirectory(prefix="ddetr-resume-")
+            return fetch_checkpoint(self.resume, self._downloads.name)
+        return latest_intact(self.dir)
 
     def close(self) -> None:
         self.logbook.close()

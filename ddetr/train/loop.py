@@ -1,17 +1,21 @@
-"""The training run: build, resume, then train / evaluate / checkpoint epoch after epoch.
+"""The training run: build, resume, then for each epoch train step by step, evaluate and checkpoint.
 
-`fit` is plain PyTorch. Where the batches come from, how the model is wrapped for data parallelism and where
-metrics and checkpoints go is the `Runtime`'s business: `LocalRuntime` (one process, a torch DataLoader,
-checkpoints in a run folder) here, and the Ray Train runtime in `ray_train.py`.
+`fit` is plain PyTorch and reads top to bottom. Where the batches come from, how the model is wrapped for data
+parallelism and where metrics and checkpoints go is the `Runtime`'s business: `LocalRuntime` (one process, a
+torch DataLoader, checkpoints in a run folder) in `local.py`, and the Ray Train runtime in `ray_train.py`.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import tempfile
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from queue import Empty, Queue
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,13 +23,18 @@ import torch
 from torch import nn
 
 from ddetr.config import Config
+from ddetr.data.collate import batch_to
+from ddetr.data.shards import DataError
 from ddetr.models import build_model
-from ddetr.train.engine import NonFiniteLossError, predict_batches, train_one_epoch
+from ddetr.models.weights import init_from
+from ddetr.train.callbacks import StepCallback, StepInfo
+from ddetr.train.checkpoints import TrainState, load_checkpoint, save_checkpoint
+from ddetr.train.ema import ModelEMA
+from ddetr.train.engine import NonFiniteLossError, predict_batches, train_step
 from ddetr.train.optim import build_optimizer, build_scheduler
-from ddetr.train.probes import StepProbe
-from ddetr.train.state import TrainState, load_checkpoint, save_checkpoint
+from ddetr.train.progress import EpochProgress
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ddetr.train")
 
 
 class Runtime(Protocol):
@@ -47,8 +56,8 @@ class Runtime(Protocol):
     def evaluate(self, predictions: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
         """COCO metrics of this worker's predictions gathered with every other worker's."""
 
-    def log_step(self, step: int, metrics: dict[str, Any]) -> None:
-        """Record one optimizer step's metrics (rank 0's are kept)."""
+    def log(self, kind: str, step: int, metrics: dict[str, Any]) -> None:
+        """Record metrics in the run's logbook: one optimizer step's ("step"), or an event (rank 0's are kept)."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         """Publish metrics and, when given, the checkpoint written into `checkpoint_dir` (rank 0 only)."""
@@ -56,8 +65,9 @@ class Runtime(Protocol):
     def latest_checkpoint(self) -> Path | None:
         """The checkpoint to resume from after a restart, or None for a fresh run."""
 
-    def local_run_dir(self) -> Path | None:
-        """The run folder when it is on this machine's file system (test probes write there), else None."""
+    def preemption_deadline(self) -> float | None:
+        """The Unix time at which the node of a worker is taken away once that is announced, else None (called once
+        per step on every worker)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -111,125 +121,286 @@ def accumulation_steps(cfg: Config, world_size: int) -> int:
     return accum
 
 
-def fit(cfg: Config, runtime: Runtime) -> dict[str, Any]:
+class Training:
+    """What a checkpoint holds and a resume restores: the model, its EMA, its optimisation state and the counters.
+
+    `load_backbone_weights=False` when full weights are loaded next (a resume, `model.init_from`): no ImageNet
+    file is fetched for nothing. `categories` (the dataset's) are saved with every checkpoint, so a later
+    fine-tuning can keep the rows of the classes it shares by name.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        device: torch.device,
+        load_backbone_weights: bool = True,
+        categories: list[dict] | None = None,
+    ) -> None:
+        self.model, self.criterion, self.postprocessors = build_model(cfg, load_backbone_weights=load_backbone_weights)
+        self.model.to(device)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.amp_dtype = amp_dtype(cfg.train.amp, device)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.ema = (
+            ModelEMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup_steps) if cfg.train.ema_decay else None
+        )
+        self.state = TrainState()
+        self.categories = categories
+
+    @property
+    def deployed(self) -> nn.Module:
+        """The model validated and shipped: the EMA when it is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def payload(self, config: dict) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "state": vars(self.state).copy(),
+            "config": config,
+            "categories": self.categories,
+        }
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        if self.ema is not None:
+            if payload.get("ema"):
+                self.ema.load_state_dict(payload["ema"])
+            else:  # a run that turns the EMA on when it resumes starts the average here
+                self.ema = ModelEMA(self.model, self.ema.decay, self.ema.warmup_steps)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        if self.scaler is not None and payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
+        self.state = payload["state"]
+
+
+def fit(cfg: Config, runtime: Runtime, callbacks: Sequence[StepCallback] = ()) -> dict[str, Any]:
     """Train `cfg` to `cfg.train.epochs`, resuming from the runtime's latest checkpoint if there is one.
+
+    `callbacks` are called after every optimizer step (`callbacks.py`).
 
     Returns:
         The metrics of the last epoch (training means, plus COCO metrics when evaluated).
     """
-    device = runtime.device
-    seed_everything(cfg.train.seed + runtime.rank)
-    model, criterion, postprocessors = build_model(cfg)
-    model.to(device)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    dtype = amp_dtype(cfg.train.amp, device)
-    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    state = TrainState()
+    device, t = runtime.device, cfg.train
+    seed_everything(t.seed + runtime.rank)
     resume = runtime.latest_checkpoint()
+    categories = dataset_categories(cfg)
+    run = Training(cfg, device, load_backbone_weights=resume is None and not cfg.model.init_from, categories=categories)
     if resume is not None:
-        payload = load_checkpoint(resume, map_location=device)
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        if scaler is not None and payload.get("scaler"):
-            scaler.load_state_dict(payload["scaler"])
-        state = payload["state"]
-        log.info(
-            "resumed from %s at epoch %d, step %d, image %d of the epoch",
-            resume,
-            state.epoch,
-            state.step,
-            state.images_done,
-        )
-    trained = runtime.wrap(model)
-    accum = accumulation_steps(cfg, runtime.world_size)
-    images_per_step = cfg.train.batch_size * runtime.world_size * accum
-    metrics: dict[str, Any] = dict(state.metrics)
-    max_steps = cfg.train.max_steps_per_epoch or None
-    probe = StepProbe(runtime.rank, runtime.world_size, runtime.local_run_dir(), state.step)
-
-    def checkpoint(metrics: dict[str, Any]) -> None:
-        # Checkpoints are ranked by val/AP: one taken before any evaluation carries the last known value.
-        metrics.setdefault("val/AP", state.metrics.get("val/AP", -1.0))
-        state.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        with tempfile.TemporaryDirectory(prefix="ddetr-ckpt-") as tmp:
-            directory = None
-            if runtime.rank == 0:
-                directory = Path(tmp)
-                save_checkpoint(
-                    directory,
-                    model=model,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                    state=state,
-                    config=cfg.to_dict(),
-                )
-            runtime.report(metrics, directory)
-
-    def on_step(state: TrainState, step_metrics: dict[str, float]) -> None:
-        state.images_done += images_per_step
+        run.restore(load_checkpoint(resume, map_location=device))
+        s = run.state
+        log.info("resumed from %s at epoch %d, step %d, image %d of the epoch", resume, s.epoch, s.step, s.images_done)
+    elif cfg.model.init_from:
+        # Every worker loads the same file, so every rank starts from the same weights.
+        heads = init_from(run.model, cfg.model.init_from, cfg.model, categories)
         if runtime.rank == 0:
-            runtime.log_step(state.step, {**step_metrics, "epoch": state.epoch})
-            if state.step % cfg.train.log_every == 0:
-                log.info(
-                    "epoch %d step %d (%d in epoch): %s",
-                    state.epoch,
-                    state.step,
-                    state.batches_done,
-                    _summary(step_metrics),
+            runtime.log("init_from", 0, {"source": cfg.model.init_from, "reinitialised": " ".join(heads)})
+        if run.ema is not None:
+            run.ema = ModelEMA(run.model, t.ema_decay, t.ema_warmup_steps)
+    state, start_step = run.state, run.state.step
+    trained = runtime.wrap(run.model)
+    accum = accumulation_steps(cfg, runtime.world_size)
+    images_per_step = t.batch_size * runtime.world_size * accum
+    metrics: dict[str, Any] = dict(state.metrics)
+    preempted = False
+    restart_due: float | None = None  # a preemption's deadline, once its just-in-time checkpoint is written
+
+    for epoch in range(state.epoch, t.epochs):
+        steps_left = remaining_steps(cfg, state, runtime.world_size, accum)
+        steps_per_epoch = state.batches_done + steps_left
+        progress = EpochProgress(epoch, t.epochs, steps_per_epoch, state.batches_done, runtime.rank == 0, t.log_every)
+        sums: dict[str, float] = {}
+        steps_here = 0
+        batches = watched(runtime.train_batches(epoch, skip_images=state.images_done), cfg.data.watchdog_s)
+        for group, data_wait in step_groups(batches, accum, steps_left):
+            tick = time.perf_counter()
+            group = [batch_to(b, device) for b in group]
+            seed_step(t.seed, runtime.rank, state.step)  # after the batches: a data iterator draws from torch too
+            try:
+                step_metrics = train_step(
+                    trained,
+                    run.criterion,
+                    group,
+                    run.optimizer,
+                    device=device,
+                    max_norm=t.clip_max_norm,
+                    amp_dtype=run.amp_dtype,
+                    scaler=run.scaler,
                 )
-        if probe.enabled:
-            probe.after_step(state.epoch, state.step)
-        every = cfg.train.checkpoint_every_steps
-        # The last step of a cut-short epoch is followed by the epoch's own checkpoint: no mid-epoch one.
-        if every > 0 and state.batches_done % every == 0 and state.batches_done != max_steps:
-            checkpoint({**step_metrics, "epoch": state.epoch, "step": state.step, "mid_epoch": True})
-
-    def before_step(state: TrainState) -> None:
-        # After the batches are loaded: creating a data iterator draws from the global generator too.
-        seed_step(cfg.train.seed, runtime.rank, state.step)
-
-    while state.epoch < cfg.train.epochs:
-        epoch = state.epoch
-        batches = runtime.train_batches(epoch, skip_images=state.images_done)
-        if probe.enabled:
-            batches = probe.watch(batches)
-        try:
-            epoch_metrics = train_one_epoch(
-                trained,
-                criterion,
-                batches,
-                optimizer,
-                state,
-                device=device,
-                accum_steps=accum,
-                max_norm=cfg.train.clip_max_norm,
-                amp_dtype=dtype,
-                max_steps=max_steps,
-                on_step=on_step,
-                before_step=before_step,
-                scaler=scaler,
+            except NonFiniteLossError as err:
+                where = f"epoch {epoch}, optimizer step {state.step + 1} (step {state.batches_done + 1} of the epoch)"
+                log.error("stopping at %s: the loss is not finite; the last good checkpoint is kept", where)
+                hint = "check the data, or resume from the last checkpoint with a lower train.lr or clip_max_norm"
+                raise NonFiniteLossError(f"non-finite loss at {where}: {err}; {hint}") from None
+            if run.ema is not None:
+                run.ema.update(run.model)
+            state.step, state.batches_done, state.images_done = (
+                state.step + 1,
+                state.batches_done + 1,
+                state.images_done + images_per_step,
             )
-        except NonFiniteLossError:
-            log.error("stopping: the loss is not finite; the last good checkpoint is kept")
-            raise
-        scheduler.step()
+            step_metrics.update(data_wait_s=data_wait, step_s=data_wait + time.perf_counter() - tick)
+            steps_here += 1
+            for k, v in step_metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            image_ids = tuple(int(target["image_id"]) for b in group for target in b["targets"])
+            info = StepInfo(runtime.rank, runtime.world_size, epoch, state.step, start_step, image_ids)
+            for callback in callbacks:
+                callback.after_step(info)
+            if runtime.rank == 0:
+                runtime.log("step", state.step, {**step_metrics, "epoch": epoch})
+            progress.update(step_metrics["loss"])
+            # The last step of an epoch is followed by the epoch's own checkpoint: no mid-epoch one then.
+            every = t.checkpoint_every_steps
+            periodic = every > 0 and state.batches_done % every == 0
+            # A preemption notice (a spot reclaim, a drain) gets a checkpoint now, once: the run resumes from it.
+            deadline = runtime.preemption_deadline()
+            just_in_time = deadline is not None and not preempted
+            preempted = preempted or just_in_time
+            if (periodic or just_in_time) and state.batches_done < steps_per_epoch:
+                if just_in_time:
+                    log.warning("a node of this run is being preempted: checkpoint at step %d", state.step)
+                checkpoint(cfg, runtime, run, {**step_metrics, "epoch": epoch, "step": state.step, "mid_epoch": True})
+            if just_in_time:
+                restart_due = deadline
+            if restart_due is not None and state.batches_done < steps_per_epoch:
+                await_restart(restart_due, state.step)
+                restart_due = None
+        progress.close()
+
+        run.scheduler.step()
         state.epoch, state.batches_done, state.images_done = epoch + 1, 0, 0
-        metrics = {f"train/{k}": v for k, v in epoch_metrics.items()}
+        metrics = {f"train/{k}": v / max(1, steps_here) for k, v in sums.items()}
         metrics.update(epoch=state.epoch, step=state.step)
         val = runtime.val_batches()
-        if val is not None and (state.epoch % cfg.train.eval_every == 0 or state.epoch == cfg.train.epochs):
-            predictions = predict_batches(model, postprocessors["bbox"], val, device=device, amp_dtype=dtype)
+        if val is not None and (state.epoch % t.eval_every == 0 or state.epoch == t.epochs):
+            eval_dtype = run.amp_dtype if t.amp_eval else None
+            predictions = predict_batches(
+                run.model, run.postprocessors["bbox"], val, device=device, amp_dtype=eval_dtype
+            )
             metrics.update({f"val/{k}": v for k, v in runtime.evaluate(predictions).items()})
         if runtime.rank == 0:
-            log.info("epoch %d done: %s", epoch, _summary(metrics))
-        checkpoint(metrics)
+            log.info("epoch %d/%d done: %s", state.epoch, t.epochs, summary(metrics))
+        checkpoint(cfg, runtime, run, metrics)
+        if restart_due is not None and state.epoch < t.epochs:  # the notice came with the epoch's last step
+            await_restart(restart_due, state.step)
+        restart_due = None
     return metrics
 
 
-def _summary(metrics: dict[str, Any]) -> str:
-    keys = ("loss", "train/loss", "loss_ce", "loss_bbox", "loss_giou", "val/AP", "val/AP50", "step_s", "train/step_s")
-    return ", ".join(f"{k.removeprefix('train/')}={metrics[k]:.4g}" for k in keys if k in metrics)
+def await_restart(deadline: float, step: int, margin_s: float = 60.0) -> None:
+    """Train no further once a preemption's checkpoint is written: Ray Train ends this attempt at the deadline and
+    restarts it from that checkpoint, so a step trained now would be trained again (its images twice).
+
+    Returns, to train on, only if this attempt is still alive `margin_s` after the deadline (no restart came).
+    """
+    log.warning(
+        "waiting for the restart at the preemption deadline (in %.0f s), from step %d", deadline - time.time(), step
+    )
+    while time.time() < deadline + margin_s:
+        time.sleep(min(1.0, max(0.0, deadline + margin_s - time.time())))
+    log.warning("no restart %.0f s after the preemption deadline: training on from step %d", margin_s, step)
+
+
+def dataset_categories(cfg: Config) -> list[dict] | None:
+    """The COCO categories of the run's data (training split, else validation), or None without data."""
+    from ddetr.data.shards import read_metadata
+
+    split = cfg.data.train or cfg.data.val
+    return read_metadata(split).categories if split else None
+
+
+def remaining_steps(cfg: Config, state: TrainState, world_size: int, accum: int) -> int:
+    """Optimizer steps left in the epoch in progress.
+
+    Each micro-batch takes `batch_size` images on every worker, and an incomplete one is dropped; the last
+    step may hold fewer than `accum` micro-batches. `train.max_steps_per_epoch` caps the epoch.
+    """
+    from ddetr.data.shards import read_metadata
+
+    images = read_metadata(cfg.data.train).num_images - state.images_done if cfg.data.train else 0
+    micro_batches = max(0, images) // (cfg.train.batch_size * world_size)
+    steps = -(-micro_batches // accum)
+    cap = cfg.train.max_steps_per_epoch
+    return min(steps, max(0, cap - state.batches_done)) if cap > 0 else steps
+
+
+class DataStallError(DataError):
+    """No batch arrived within `data.watchdog_s`; the message names the likely cause and what to change."""
+
+
+def watched(batches: Iterable[dict], timeout_s: float) -> Iterator[dict]:
+    """`batches`, pulled by a helper thread, raising DataStallError when none comes within `timeout_s`.
+
+    The iterator is created here, in the caller's thread, so that what it draws from the generators (a
+    DataLoader draws its workers' seeds) stays in the same order as without the watchdog.
+    """
+    iterator = iter(batches)
+    if timeout_s <= 0:
+        yield from iterator
+        return
+    done = object()
+    queue: Queue = Queue(maxsize=2)
+
+    def pull() -> None:
+        try:
+            for batch in iterator:
+                queue.put((batch, None))
+            queue.put((done, None))
+        except BaseException as err:  # handed to the consumer, which raises it
+            queue.put((done, err))
+
+    threading.Thread(target=pull, name="ddetr-batches", daemon=True).start()
+    while True:
+        try:
+            batch, err = queue.get(timeout=timeout_s)
+        except Empty:
+            raise DataStallError(
+                f"no training batch for {timeout_s:g} s (data.watchdog_s). The likely cause: the data tasks get no "
+                "CPU, because the training workers hold them (train.num_workers x train.cpus_per_worker + "
+                "data.map_cpus above the cluster's CPUs): lower train.cpus_per_worker (0 derives it) or "
+                "data.map_cpus, or add nodes. On slow storage, raise data.watchdog_s"
+            ) from None
+        if err is not None:
+            raise err
+        if batch is done:
+            return
+        yield batch
+
+
+def step_groups(batches: Iterable[dict], accum: int, steps_left: int) -> Iterator[tuple[list[dict], float]]:
+    """(micro-batches of one optimizer step, seconds spent waiting for them), at most `steps_left` times."""
+    iterator = iter(batches)
+    for _ in range(max(0, steps_left)):
+        tick = time.perf_counter()
+        group = list(itertools.islice(iterator, accum))
+        if not group:
+            return
+        yield group, time.perf_counter() - tick
+
+
+def checkpoint(cfg: Config, runtime: Runtime, run: Training, metrics: dict[str, Any]) -> None:
+    """Write the run's checkpoint (rank 0) and report it with `metrics` through the runtime (every rank).
+
+    Checkpoints are ranked by val/AP: one taken before any evaluation carries the last known value.
+    """
+    metrics.setdefault("val/AP", run.state.metrics.get("val/AP", -1.0))
+    run.state.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with tempfile.TemporaryDirectory(prefix="ddetr-ckpt-") as tmp:
+        directory = None
+        if runtime.rank == 0:
+            directory = Path(tmp)
+            save_checkpoint(directory, run.payload(cfg.to_dict()), run.state.metrics)
+        runtime.report(metrics, directory)
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    keys = ("train/loss", "loss_ce", "loss_bbox", "loss_giou", "val/AP", "val/AP50", "val/AP75", "train/step_s")
+    return ", ".join(f"{k.removeprefix('train/')} {metrics[k]:.4g}" for k in keys if k in metrics)

@@ -88,14 +88,12 @@ def param_space(base: Config, space: dict[str, dict[str, list]]) -> dict[str, An
 
 
 def trial_config(config: dict[str, Any]) -> Config:
-    """The `Config` of one trial's sampled config: "refinement" mapped onto the model flags, and two-stage
-    always with box refinement (when the flags are searched directly)."""
+    """The `Config` of one trial's sampled config, "refinement" mapped onto the model flags (`ModelConfig` refuses
+    two-stage without box refinement, so a space that searches the flags directly must pair them itself)."""
     config = copy.deepcopy(config)
     refinement = config.pop(REFINEMENT, None)
     if refinement is not None:
         config["model"]["with_box_refine"], config["model"]["two_stage"] = REFINEMENTS[refinement]
-    if config["model"].get("two_stage"):
-        config["model"]["with_box_refine"] = True
     return Config.from_dict(config)
 
 

@@ -4,20 +4,24 @@ Tune pickles the scheduler into the sweep folder once, when the sweep starts, an
 that copy: an ASHA with empty rungs. The trials that run after a restore would then be compared only with each
 other, and a trial that the first part of the sweep would have stopped runs to the end. `ResumableASHA` writes
 its state (ASHA's own `save`) beside the sweep after every result it records, and reads it back the first time
-it is used after a restore.
+it is used after a restore. The state file may be in object storage, beside a sweep stored there, so that a sweep
+continued from another machine remembers its rungs.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
 
+from ddetr import io
+
 
 class ResumableASHA(ASHAScheduler):
-    """`ASHAScheduler(**kwargs)` that keeps its rungs in `state_file` (a local path)."""
+    """`ASHAScheduler(**kwargs)` that keeps its rungs in `state_file` (a local path or a URI)."""
 
     def __init__(self, state_file: str | os.PathLike, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -28,16 +32,17 @@ class ResumableASHA(ASHAScheduler):
         if self._loaded:
             return
         self._loaded = True
-        if Path(self._state_file).exists():
+        if io.exists(self._state_file):
             state_file = self._state_file
-            self.restore(state_file)
+            with io.local_copy(state_file) as local:  # ASHA's restore reads a local pickle
+                self.restore(str(local))
             self._state_file, self._loaded = state_file, True
 
     def _save(self) -> None:
-        Path(self._state_file).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{self._state_file}.tmp"
-        self.save(tmp)
-        os.replace(tmp, self._state_file)
+        with tempfile.TemporaryDirectory(prefix="ddetr-asha-") as tmp:
+            local = Path(tmp, "state.pkl")
+            self.save(str(local))
+            io.atomic_write(self._state_file, local.read_bytes())
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         self._load_once()

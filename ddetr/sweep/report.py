@@ -10,12 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from ddetr.config import Config
-from tune.space import searched_values, trial_config
+from ddetr.io import atomic_write, join, save_figure
+from ddetr.sweep.space import searched_values, trial_config
 
 METRIC = "val/AP"
 
@@ -54,21 +54,21 @@ def trial_rows(results: Any, space: dict[str, dict[str, list]], max_epochs: int)
     return sorted(rows, key=lambda r: (math.isnan(r["AP"]), -r["AP"] if not math.isnan(r["AP"]) else 0, r["trial"]))
 
 
-def write_table(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
-    """results.csv and results.md in `out_dir`; returns their paths."""
+def write_table(rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[str, str]:
+    """results.csv and results.md in `out_dir` (a folder or a URI); returns their paths."""
     columns = [c for c in rows[0] if c != "config"] if rows else ["trial", "AP"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    csv_path = _write_atomic(out_dir / "results.csv", buf.getvalue())
+    csv_path = _write_atomic(join(str(out_dir), "results.csv"), buf.getvalue())
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
-    md_path = _write_atomic(out_dir / "results.md", "\n".join(lines) + "\n")
+    md_path = _write_atomic(join(str(out_dir), "results.md"), "\n".join(lines) + "\n")
     return csv_path, md_path
 
 
-def plot_ap(rows: list[dict[str, Any]], space: dict[str, dict[str, list]], path: Path) -> Path:
+def plot_ap(rows: list[dict[str, Any]], space: dict[str, dict[str, list]], path: str | Path) -> str | Path:
     """One panel per searched key: each trial's AP against its value (hollow markers: stopped early)."""
     import matplotlib
 
@@ -102,14 +102,12 @@ def plot_ap(rows: list[dict[str, Any]], space: dict[str, dict[str, list]], path:
         ax.grid(alpha=0.3)
     fig.suptitle("AP per trial (hollow: stopped early)", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
-def write_best_config(rows: list[dict[str, Any]], path: Path, *, name: str, storage_path: str) -> Config:
+def write_best_config(rows: list[dict[str, Any]], path: str | Path, *, name: str, storage_path: str) -> Config:
     """The best trial's full config as JSON (`Config.to_json()`), named `name` and stored under `storage_path`.
 
     Raises:
@@ -137,8 +135,6 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_atomic(path: str | Path, text: str) -> str | Path:
+    atomic_write(path, text)
     return path

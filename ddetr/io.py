@@ -1,0 +1,244 @@
+"""Files and URIs: one place that reads, writes and lists local paths and object storage alike.
+
+Every path the project takes may be a local path or a URI that `pyarrow.fs` understands (`s3://`, `gs://`,
+`hdfs://`, `file://`). Writes that must not be lost (shards, checkpoints, metrics, tables, plots) go through
+`atomic_write`: a reader sees the old file or the whole new one, never a part.
+
+    from ddetr import io
+    io.atomic_write("s3://bucket/run/metrics.json", json.dumps(metrics))
+    text = io.read_text("runs/demo/metrics.json")
+
+Object storage reads the standard variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) through pyarrow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io as _io
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TextIO, TypeVar
+
+import pyarrow.fs as pafs
+
+# Object stores where one upload becomes visible whole or not at all: writing the final name directly is
+# atomic there, and a temporary name plus a move would cost a second copy of the object.
+_ATOMIC_PUT_SCHEMES = ("s3", "gs", "gcs")
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+COPY_CHUNK = 32 * 1024 * 1024  # bytes per read when copying: each read from an object store is one request
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    """Whether `path` names a file system by scheme (`s3://...`) rather than a local path."""
+    return "://" in str(path)
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """A local path made absolute (user and relative parts resolved); URIs and "" unchanged.
+
+    Ray runs workers in directories of its own, so paths handed to them must not depend on the caller's cwd.
+    """
+    path = str(path)
+    return path if not path or is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    """`base/part/...` for a local path or a URI (URIs always join with "/")."""
+    return posixpath.join(base.rstrip("/"), *parts) if is_uri(base) else str(Path(base, *parts))
+
+
+def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """The file system of `path` and the path within it."""
+    path = str(path)
+    return pafs.FileSystem.from_uri(path if is_uri(path) else os.path.abspath(os.path.expanduser(path)))
+
+
+def exists(path: str | os.PathLike) -> bool:
+    fs, inner = resolve(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def is_dir(path: str | os.PathLike) -> bool:
+    fs, inner = resolve(path)
+    return fs.get_file_info(inner).type == pafs.FileType.Directory
+
+
+def listdir(path: str | os.PathLike) -> list[str]:
+    """Names (not paths) of the entries of a folder, sorted; [] when it does not exist."""
+    fs, inner = resolve(path)
+    if fs.get_file_info(inner).type != pafs.FileType.Directory:
+        return []
+    return sorted(posixpath.basename(i.path.rstrip("/")) for i in fs.get_file_info(pafs.FileSelector(inner)))
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    fs, inner = resolve(path)
+    fs.create_dir(inner, recursive=True)
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file (nothing when it is not there)."""
+    fs, inner = resolve(path)
+    if fs.get_file_info(inner).type == pafs.FileType.File:
+        fs.delete_file(inner)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    fs, inner = resolve(path)
+    # A random-access file reads an object in one request of its known size; a stream fetches it piece by piece.
+    with fs.open_input_file(inner) as f:
+        return f.read()
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return read_bytes(path).decode()
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` so that `path` holds either its previous content or all of `data`.
+
+    Local files: a hidden temporary name in the same folder, flushed and fsync'ed, then renamed over `path`.
+    S3 / GCS: one upload to the final name (an object appears only once complete). Other file systems: a hidden
+    temporary name, then a move. Parent folders are created.
+    """
+    payload = data.encode() if isinstance(data, str) else data
+    path = str(path)
+    if not is_uri(path) or path.startswith("file://"):
+        local = Path(path.removeprefix("file://")).expanduser()
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    fs, inner = resolve(path)
+    fs.create_dir(posixpath.dirname(inner), recursive=True)
+    if path.split("://", 1)[0] in _ATOMIC_PUT_SCHEMES:
+        with fs.open_output_stream(inner) as out:
+            out.write(payload)
+        return
+    head, tail = posixpath.split(inner)
+    tmp = posixpath.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
+    with fs.open_output_stream(tmp) as out:
+        out.write(payload)
+    fs.move(tmp, inner)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[TextIO]:
+    """A text file to write little by little that appears at `path` whole, when the block ends without error.
+
+    Local files stream to a hidden temporary name (fsync'ed, then renamed); on other file systems the text is
+    gathered in memory and written with `atomic_write`. An error inside the block leaves `path` as it was.
+    """
+    path = str(path)
+    if is_uri(path) and not path.startswith("file://"):
+        buffer = _io.StringIO()
+        yield buffer
+        atomic_write(path, buffer.getvalue())
+        return
+    local = Path(path.removeprefix("file://")).expanduser()
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, local)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append to a local file (created if missing); on object storage, rewrite the object with `text` added.
+
+    Object stores have no append: the whole object is read and written again, atomically, so a lost writer
+    loses at most the line it was adding.
+    """
+    path = str(path)
+    if not is_uri(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(text)
+        return
+    old = read_bytes(path) if exists(path) else b""
+    atomic_write(path, old + text.encode())
+
+
+def retried(what: str, action: Callable[[], T], attempts: int = 4, first_wait_s: float = 1.0) -> T:
+    """`action()`, tried again after 1, 2, 4 ... s when it raises an OSError other than a missing file (a network
+    timeout, an object store's 503); each retry is logged, and the last error is raised naming `what`."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            if attempt == attempts:
+                raise OSError(f"{what}: failed {attempts} times, last with {err}") from err
+            wait = first_wait_s * 2 ** (attempt - 1)
+            log.warning("%s failed (%s); retry %d of %d in %.0f s", what, err, attempt, attempts - 1, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def copy(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """Copy a file, or a folder and everything under it, between any two file systems (paths or URIs).
+
+    Each file is written whole (an object store shows it complete or not at all); a folder is not copied
+    atomically: write a marker last (a checkpoint's manifest) when readers must tell a complete copy.
+    """
+    src_fs, src = resolve(source)
+    dst_fs, dst = resolve(destination)
+    info = src_fs.get_file_info(src)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"nothing to copy at {source}")
+    if info.type == pafs.FileType.File:
+        dst_fs.create_dir(posixpath.dirname(dst), recursive=True)
+    else:
+        dst_fs.create_dir(dst, recursive=True)
+
+    # Large pieces: each piece read from an object store is a request of its own.
+    def copy_all() -> None:
+        pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs, chunk_size=COPY_CHUNK)
+
+    retried(f"copying {source} to {destination}", copy_all)
+
+
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike) -> Iterator[Path]:
+    """`path` as a local path for the length of the block: itself when local, else a downloaded copy (file or
+    folder) in a temporary folder removed at the end. For readers that need a real file (torch.load, safetensors).
+    """
+    path = str(path)
+    if not is_uri(path) or path.startswith("file://"):
+        yield Path(path.removeprefix("file://")).expanduser()
+        return
+    folder = tempfile.mkdtemp(prefix="ddetr-download-")
+    try:
+        local = Path(folder, posixpath.basename(path.rstrip("/")) or "download")
+        copy(path, local)
+        yield local
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_figure(figure, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG through `atomic_write`."""
+    buffer = _io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    atomic_write(path, buffer.getvalue())
