@@ -27,6 +27,7 @@ from typing import Any
 from ddetr import io
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONE_NORMS = ("frozen_bn", "group_norm")
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,9 @@ class ModelConfig:
     # "imagenet" (torchvision's ImageNet-1k file, fetched once into the torch hub cache), a local .pth path or a
     # URL; "none" (or None): random init, and then no backbone stage is frozen. The paper starts from ImageNet.
     pretrained_backbone: str | None = "imagenet"
+    # The backbone's normalization: "frozen_bn" (official: ImageNet statistics, fixed) or "group_norm" (GroupNorm(32),
+    # trained: for a backbone trained from scratch, where frozen batch norm at random init is the identity).
+    backbone_norm: str = "frozen_bn"
     # Fine-tune from: an official .pth, a ddetr checkpoint folder or a Hugging Face model folder (weights only).
     init_from: str = ""
     num_feature_levels: int = 4  # 1: single scale (C5 only); >1: C3-C5 plus strided extra levels
@@ -78,6 +82,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ConfigError(f"model.backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.backbone_norm not in BACKBONE_NORMS:
+            raise ConfigError(f"model.backbone_norm must be one of {BACKBONE_NORMS}, got {self.backbone_norm!r}")
+        if self.backbone_norm == "group_norm" and str(self.pretrained_backbone or "").strip().lower() not in ("", "none", "null"):
+            raise ConfigError(
+                "model.backbone_norm=group_norm trains the backbone from scratch: set model.pretrained_backbone=none "
+                "(ImageNet weights come with batch-norm statistics)"
+            )
         if self.d_model % 2 or self.d_model % self.nheads:
             raise ConfigError(f"model.d_model ({self.d_model}) must be even and divisible by nheads ({self.nheads})")
         if self.d_model % 32:

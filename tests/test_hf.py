@@ -152,3 +152,7 @@ def test_single_scale_round_trip_and_dc5_basic_blocks_are_refused(tmp_path):
     with pytest.raises(ValueError, match="DC5 resnet18"):
         write_hf(perturbed(m), m, tmp_path / "dc5_r18", {i: str(i) for i in range(m.num_classes)})
     assert not (tmp_path / "dc5_r18").exists()
+    m = dataclasses.replace(small("base"), pretrained_backbone="none", backbone_norm="group_norm")
+    with pytest.raises(ValueError, match="backbone_norm=group_norm"):
+        write_hf(perturbed(m), m, tmp_path / "gn", {i: str(i) for i in range(m.num_classes)})
+    assert not (tmp_path / "gn").exists()

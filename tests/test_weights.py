@@ -9,9 +9,9 @@ import dataclasses
 import pytest
 import torch
 
-from ddetr.config import Config, apply_overrides, get_preset
+from ddetr.config import Config, ConfigError, apply_overrides, get_preset
 from ddetr.models import build_model
-from ddetr.models.backbone import Backbone
+from ddetr.models.backbone import Backbone, FrozenBatchNorm2d
 from ddetr.models.hf import read_hf, write_hf
 from ddetr.models.weights import export_hf, init_from, load_detector, read_weights
 from ddetr.train.optim import build_optimizer
@@ -70,6 +70,22 @@ def test_without_pretrained_weights_nothing_is_frozen_and_a_warning_says_why(cap
         assert all(p.requires_grad for p in backbone_params(model).values()), value
         assert "paper's numbers assume ImageNet weights" in caplog.text
         caplog.clear()
+
+
+def test_a_group_norm_backbone_trains_every_norm_and_starts_each_block_as_the_identity():
+    model = build_model(small("deformable_detr", "model.pretrained_backbone=none", "model.backbone_norm=group_norm"))[0]
+    body = model.backbone[0].body
+    norms = [m for m in body.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 20 and not any(isinstance(m, FrozenBatchNorm2d) for m in body.modules())  # ResNet-18
+    assert all(p.requires_grad for p in backbone_params(model).values())
+    block = body.layer3[1]  # no downsample: the block's input passes through unchanged at init
+    x = torch.randn(2, 256, 6, 8).relu()
+    torch.testing.assert_close(block(x), x)
+    assert not block.bn2.weight.any() and block.bn1.weight.all()
+    with pytest.raises(ConfigError, match="model.pretrained_backbone=none"):
+        small("deformable_detr", "model.backbone_norm=group_norm")  # "imagenet" comes with batch-norm statistics
+    with pytest.raises(ConfigError, match="frozen_bn"):
+        small("tiny", "model.backbone_norm=batch")
 
 
 def test_lr_backbone_zero_leaves_no_backbone_parameter_trainable(resnet18_file):

@@ -1,4 +1,4 @@
-"""ResNet backbone with frozen batch norm, returning C3-C5 (or C5) feature maps and their padding masks.
+"""ResNet backbone with frozen batch norm (or group norm), returning C3-C5 (or C5) feature maps and their masks.
 
 Parameter names equal torchvision's ResNet (`conv1`, `bn1`, `layer1.0.conv1`, `...downsample.0`), so its
 ImageNet weights load directly, and under the model they read `backbone.0.body.*` as in the official release.
@@ -8,6 +8,7 @@ Nothing is downloaded unless `build_backbone` is given "imagenet" or a URL and a
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,22 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale[None, :, None, None] + shift[None, :, None, None]
 
 
+# A normalization layer of `channels` features.
+Norm = Callable[[int], nn.Module]
+GROUP_NORM_GROUPS = 32
+
+
+def norm_layer(kind: str) -> Norm:
+    """The backbone's normalization: "frozen_bn" (the official one, fixed ImageNet statistics; the identity at
+    random init) or "group_norm" (GroupNorm(32), trained, for a backbone trained from scratch: it normalizes
+    at any batch size, where batch statistics of 2 images per worker would not)."""
+    if kind == "frozen_bn":
+        return FrozenBatchNorm2d
+    if kind == "group_norm":
+        return lambda channels: nn.GroupNorm(GROUP_NORM_GROUPS, channels)
+    raise ValueError(f"unknown backbone norm {kind!r}: frozen_bn or group_norm")
+
+
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
@@ -61,14 +78,20 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(
-        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, dilation: int = 1
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        dilation: int = 1,
+        norm: Norm = FrozenBatchNorm2d,
     ) -> None:
         super().__init__()
         self.conv1 = conv3x3(inplanes, planes, stride, dilation)
-        self.bn1 = FrozenBatchNorm2d(planes)
+        self.bn1 = norm(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes, dilation=dilation)
-        self.bn2 = FrozenBatchNorm2d(planes)
+        self.bn2 = norm(planes)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,15 +107,21 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(
-        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, dilation: int = 1
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        dilation: int = 1,
+        norm: Norm = FrozenBatchNorm2d,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = FrozenBatchNorm2d(planes)
+        self.bn1 = norm(planes)
         self.conv2 = conv3x3(planes, planes, stride, dilation)
-        self.bn2 = FrozenBatchNorm2d(planes)
+        self.bn2 = norm(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = FrozenBatchNorm2d(planes * self.expansion)
+        self.bn3 = norm(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -119,12 +148,12 @@ class ResNet(nn.Module):
     "layer4": (B, C5, H/32, W/32)} (H/16 for layer4 with `dilation`).
     """
 
-    def __init__(self, name: str, dilation: bool = False) -> None:
+    def __init__(self, name: str, dilation: bool = False, norm: Norm = FrozenBatchNorm2d) -> None:
         super().__init__()
         block, layers = RESNET_SPECS[name]
-        self.inplanes, self.dilation = 64, 1
+        self.inplanes, self.dilation, self.norm = 64, 1, norm
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = FrozenBatchNorm2d(64)
+        self.bn1 = norm(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(block, 64, layers[0])
@@ -148,11 +177,11 @@ class ResNet(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
-                FrozenBatchNorm2d(planes * block.expansion),
+                self.norm(planes * block.expansion),
             )
-        layers = [block(self.inplanes, planes, stride, downsample, previous_dilation)]
+        layers = [block(self.inplanes, planes, stride, downsample, previous_dilation, self.norm)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, dilation=self.dilation, norm=self.norm) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -212,6 +241,7 @@ class Backbone(nn.Module):
         train_backbone: when False every parameter is frozen (the official `lr_backbone <= 0`).
         pretrained: the body will hold pretrained weights, so the stem and layer1 are frozen at them (the official
             schedule); from random weights nothing is frozen, since random low-level filters must learn.
+        norm: "frozen_bn" or "group_norm" (see `norm_layer`).
     """
 
     def __init__(
@@ -221,9 +251,17 @@ class Backbone(nn.Module):
         dilation: bool,
         train_backbone: bool = True,
         pretrained: bool = True,
+        norm: str = "frozen_bn",
     ) -> None:
         super().__init__()
-        self.body = ResNet(name, dilation)
+        self.body = ResNet(name, dilation, norm_layer(norm))
+        if norm == "group_norm":
+            # Each residual branch starts at zero (its last norm's scale), so every block starts as the identity:
+            # the usual start for a ResNet trained from scratch.
+            for m in self.body.modules():
+                last = getattr(m, "bn3", None) if isinstance(m, Bottleneck) else getattr(m, "bn2", None)
+                if isinstance(m, (BasicBlock, Bottleneck)) and last is not None:
+                    nn.init.zeros_(last.weight)
         for pname, p in self.body.named_parameters():
             late_stage = pname.startswith(("layer2", "layer3", "layer4"))
             if not train_backbone or (pretrained and not late_stage):
@@ -272,6 +310,7 @@ def build_backbone(
     pretrained: str | None = None,
     train_backbone: bool = True,
     load_weights: bool = True,
+    norm: str = "frozen_bn",
 ) -> Joiner:
     """ResNet + sine position encoding (d_model/2 features per axis).
 
@@ -288,6 +327,7 @@ def build_backbone(
         dilation=dilation,
         train_backbone=train_backbone,
         pretrained=pretrained_body,
+        norm=norm,
     )
     if pretrained_body and load_weights:
         load_imagenet_weights(backbone.body, pretrained.strip(), name)

@@ -40,6 +40,7 @@ def build_detector(
         pretrained=m.pretrained_backbone,
         train_backbone=train_backbone,
         load_weights=load_backbone_weights,
+        norm=m.backbone_norm,
     )
     transformer = build_deformable_transformer(m)
     return DeformableDETR(

@@ -226,8 +226,13 @@ def hf_config(m: ModelConfig, id2label: dict[int, str]) -> dict:
     """The config.json of a `DeformableDetrForObjectDetection` equivalent to `m` (transformers 5.x fields).
 
     Raises:
-        ValueError: DC5 with ResNet-18/34, which timm builds differently.
+        ValueError: DC5 with ResNet-18/34, which timm builds differently; a group-norm backbone.
     """
+    if m.backbone_norm != "frozen_bn":
+        raise ValueError(
+            f"cannot export a backbone with model.backbone_norm={m.backbone_norm}: the Hugging Face model's timm "
+            "ResNet uses (frozen) batch norm"
+        )
     if m.dilation and m.backbone in _BASIC_BLOCK:
         raise ValueError(
             f"cannot export a DC5 {m.backbone}: timm's dilated basic blocks differ from ours (ResNet-50/101 export)"
