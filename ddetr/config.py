@@ -84,7 +84,8 @@ class ModelConfig:
             raise ConfigError(f"model.backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.backbone_norm not in BACKBONE_NORMS:
             raise ConfigError(f"model.backbone_norm must be one of {BACKBONE_NORMS}, got {self.backbone_norm!r}")
-        if self.backbone_norm == "group_norm" and str(self.pretrained_backbone or "").strip().lower() not in ("", "none", "null"):
+        pretrained = str(self.pretrained_backbone or "").strip().lower() not in ("", "none", "null")
+        if self.backbone_norm == "group_norm" and pretrained:
             raise ConfigError(
                 "model.backbone_norm=group_norm trains the backbone from scratch: set model.pretrained_backbone=none "
                 "(ImageNet weights come with batch-norm statistics)"
