@@ -60,6 +60,7 @@ def start_test_ray() -> None:
     import ray
 
     ray.init(
+        address="local",  # not a stale /tmp/ray/ray_current_cluster left by a test cluster that was killed
         num_cpus=2,
         include_dashboard=True,
         log_to_driver=False,

@@ -215,7 +215,7 @@ def rerun_on_local_ray(argv: list[str]) -> int:
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(include_dashboard=True, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", include_dashboard=True, log_to_driver=False, configure_logging=False)
     try:
         env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
         return subprocess.call([sys.executable, "-m", "ddetr.cli", "tune", *argv], env=env)

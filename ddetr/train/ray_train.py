@@ -397,7 +397,10 @@ def init_local_ray(num_cpus: int | None = None) -> bool:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # The dashboard serves the State API that Ray Train's placement-group cleaner polls: without it the cleaner
     # takes a live run for dead, removes its placement group and so kills the workers.
+    # "local": a new Ray even where /tmp/ray/ray_current_cluster names another one, which a Ray that died
+    # without `ray stop` leaves behind; ray.init() would try to join that address and hang.
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
