@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -370,3 +372,25 @@ def test_the_default_train_command_trains_on_this_machine(dataset, tmp_path, har
     metrics = json.loads(done.stdout[done.stdout.index("{") :])
     assert metrics["epoch"] == 1 and metrics["step"] >= 1 and "val/AP" in metrics
     assert len(list((tmp_path / "runs").glob("tiny-*"))) == 1
+
+
+def test_a_local_ray_starts_where_a_dead_one_left_its_address():
+    """A Ray that died without `ray stop` leaves its address in <temp>/ray/ray_current_cluster; ray.init() would
+    try to join it and hang. `init_local_ray` starts a new one."""
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must stay under 108 characters
+    try:
+        os.makedirs(os.path.join(temp, "ray"))
+        with open(os.path.join(temp, "ray", "ray_current_cluster"), "w") as f:
+            f.write("127.0.0.1:9")  # nothing answers there
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        code = (
+            "import ray; from ddetr.train.ray_train import init_local_ray; "
+            "started = init_local_ray(1); print(started, ray.cluster_resources()['CPU']); ray.shutdown()"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code], env={**env, "RAY_TMPDIR": temp}, capture_output=True, text=True, timeout=180
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == ["True", "1.0"]
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
