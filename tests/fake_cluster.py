@@ -30,6 +30,7 @@ import yaml
 
 HEAD_TYPE = "ray.head.default"  # the fake provider's name for the head node type
 HEAD_NODE_ID = "f" * 51 + "00000"  # and the head's node id
+FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
 DRIVER_RESOURCE = "ddetr_driver"  # on the head only: where sweep trial drivers are pinned (ddetr/sweep)
 
 
@@ -39,24 +40,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cluster_config(gcs_port: int, worker_types: dict[str, dict[str, Any]], idle_timeout_s: float) -> dict[str, Any]:
+def cluster_config(
+    gcs_port: int, worker_types: dict[str, dict[str, Any]], idle_timeout_s: float, autoscaler_v2: bool = False
+) -> dict[str, Any]:
     """A launcher config for the fake provider: a head with no worker capacity and the given worker node types
     ({name: {"resources": {...}, "max_workers": n}})."""
     types: dict[str, Any] = {HEAD_TYPE: {"resources": {}, "node_config": {}, "max_workers": 0}}
     for name, spec in worker_types.items():
         types[name] = {"node_config": {}, "min_workers": 0, **spec}
+    provider: dict[str, Any] = {
+        "type": "fake_multinode",
+        "use_node_id_as_ip": True,
+        "disable_node_updaters": True,
+        "disable_launch_config_check": True,
+        "gcs_address": f"127.0.0.1:{gcs_port}",
+    }
+    if autoscaler_v2:  # the same provider, named by its class: v2 reads the defaults of a named type from a file
+        provider.update(type="external", module=FAKE_PROVIDER, launch_multiple=True, head_node_id=HEAD_NODE_ID)
     return {
         "cluster_name": "ddetr-fake",
         "max_workers": sum(spec["max_workers"] for spec in worker_types.values()),
         "upscaling_speed": 10.0,
         "idle_timeout_minutes": idle_timeout_s / 60,
-        "provider": {
-            "type": "fake_multinode",
-            "use_node_id_as_ip": True,
-            "disable_node_updaters": True,
-            "disable_launch_config_check": True,
-            "gcs_address": f"127.0.0.1:{gcs_port}",
-        },
+        "provider": provider,
         "available_node_types": types,
         "head_node_type": HEAD_TYPE,
         "auth": {"ssh_user": "ubuntu"},
@@ -83,6 +89,7 @@ class FakeCluster:
     idle_timeout_s: float = 10.0
     head_resources: dict[str, float] = field(default_factory=lambda: {DRIVER_RESOURCE: 100})
     env: dict[str, str] = field(default_factory=dict)  # for the head, hence the jobs' drivers
+    autoscaler_v2: bool = False
     root: Path = field(init=False)
     proc: subprocess.Popen | None = field(default=None, init=False)
 
@@ -96,7 +103,8 @@ class FakeCluster:
         self.gcs_address = f"127.0.0.1:{ports['gcs']}"
         self.address = f"http://127.0.0.1:{ports['dashboard']}"
         config = self.root / "cluster.yaml"
-        config.write_text(yaml.safe_dump(cluster_config(ports["gcs"], self.worker_types, self.idle_timeout_s)))
+        spec = cluster_config(ports["gcs"], self.worker_types, self.idle_timeout_s, self.autoscaler_v2)
+        config.write_text(yaml.safe_dump(spec))
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
         env.update(
             RAY_FAKE_CLUSTER="1",
@@ -109,6 +117,9 @@ class FakeCluster:
             RAY_DATA_DISABLE_PROGRESS_BARS="1",
             **self.env,
         )
+        if self.autoscaler_v2:
+            env.update(RAY_enable_autoscaler_v2="1", RAY_CLOUD_INSTANCE_ID=HEAD_NODE_ID,
+                       RAY_OVERRIDE_NODE_ID_FOR_TESTING=HEAD_NODE_ID)  # fmt: skip
         ray_cli = Path(sys.executable).with_name("ray")
         cmd = [
             str(ray_cli), "start", "--head", "--block", "--disable-usage-stats", "--autoscaling-config", str(config),

@@ -309,6 +309,21 @@ def check_fits(cfg: Config, cluster: dict[str, float]) -> None:
         raise ConfigError(f"train.use_gpu=true needs {t.num_workers} GPUs, but this Ray has {cluster.get('GPU', 0):g}")
 
 
+def pin_data_stats_actor() -> None:
+    """Create Ray Data's stats actor on this (the driver's) node before any training worker reads data.
+
+    The actor is detached and lives on the node of the process that first runs a dataset: made by a training
+    worker, it keeps that worker node busy for as long as the cluster lives, so the autoscaler never removes the
+    node when the run ends. Made here (the head, for a submitted job or a sweep trial), the workers find it by name.
+    """
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:  # a Ray that moved it: its node then outlives the run, as without this
+        log.debug("Ray Data's stats actor is not where this Ray version was expected to keep it")
+        return
+    get_or_create_stats_actor()
+
+
 def build_trainer(
     cfg: Config,
     resume: str | None = None,
@@ -340,6 +355,7 @@ def build_trainer(
         config["resume"] = io.absolute(resume)
     # Read by Ray Train's controller from the driver's environment when the run starts.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(t.worker_start_timeout_s)
+    pin_data_stats_actor()
     return ray.train.torch.TorchTrainer(
         WorkerLoop(step_callbacks),
         train_loop_config=config,
