@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,10 @@ class Logbook:
         try:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.local_dir / TENSORBOARD_DIR))
+            # Event files are named by second and host; the suffix keeps a writer restarted within the same second
+            # on the same host from replacing its predecessor's file in the bucket.
+            suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            self._writer = SummaryWriter(str(self.local_dir / TENSORBOARD_DIR), filename_suffix=suffix)
         except ImportError:  # TensorBoard files are a convenience; the JSON lines are the record
             log.info("tensorboardX is not installed: metrics go to %s only", io.join(self.run_dir, METRICS_FILE))
 
