@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,9 +84,9 @@ def predict_shards(
     meta = read_metadata(split_dir)
     uris = shard_uris(split_dir, meta)
     max_actors, use_gpu = pool_size(max_actors, use_gpu, cpus_per_actor)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint = str(Path(checkpoint).resolve()) if "://" not in str(checkpoint) else str(checkpoint)
+    out = io.absolute(out)
+    io.makedirs(out)
+    checkpoint = io.absolute(checkpoint)
     ds = (
         ray.data.read_parquet(uris)
         .select_columns(["image_id", "image"])
@@ -104,7 +103,7 @@ def predict_shards(
     log.info("detecting %d images of %s with up to %d %s actors", meta.num_images, split_dir, max_actors,
              "GPU" if use_gpu else "CPU")  # fmt: skip
     start = time.perf_counter()
-    path = out / DETECTIONS_FILE
+    path = io.join(out, DETECTIONS_FILE)
     images = detections = 0
     first: dict[int, dict[str, np.ndarray]] = {}
     with io.atomic_open(path) as f:
@@ -126,7 +125,7 @@ def predict_shards(
     seconds = time.perf_counter() - start
     _draw_first(uris, first, out, threshold, {c["id"]: c["name"] for c in meta.categories})
     summary = {"images": images, "detections": detections, "seconds": round(seconds, 2),
-               "images_per_s": round(images / seconds, 2), "max_actors": max_actors, "file": str(path)}  # fmt: skip
+               "images_per_s": round(images / seconds, 2), "max_actors": max_actors, "file": path}  # fmt: skip
     log.info("%s", summary)
     return summary
 
@@ -147,7 +146,7 @@ def pool_size(max_actors: int | None, use_gpu: bool | None, cpus_per_actor: floa
 
 
 def _draw_first(
-    uris: list[str], first: dict[int, dict[str, np.ndarray]], out: Path, threshold: float, names: dict[int, str]
+    uris: list[str], first: dict[int, dict[str, np.ndarray]], out: str, threshold: float, names: dict[int, str]
 ) -> None:
     """Draw the given images' detections into `out/<image_id>.png`, reading their bytes from the shards."""
     import torch
@@ -163,4 +162,5 @@ def _draw_first(
             det = left.pop(image_id, None)
             if det is not None:
                 tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in det.items()}
-                draw_detections(decode_rgb(data), tensors, out / f"{image_id}.png", names=names, threshold=threshold)
+                picture = io.join(out, f"{image_id}.png")
+                draw_detections(decode_rgb(data), tensors, picture, names=names, threshold=threshold)

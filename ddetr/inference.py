@@ -12,7 +12,6 @@ import json
 import logging
 import os
 from io import BytesIO
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -142,7 +141,7 @@ def draw_detections(
     names: dict[int, str] | None = None,
     threshold: float = 0.5,
     truth: list[tuple[float, float, float, float]] | None = None,
-) -> Path:
+) -> str:
     """Draw detections scoring at least `threshold` (and, thin and white, the true xyxy boxes) into a PNG."""
     picture = Image.fromarray(image if isinstance(image, np.ndarray) else read_image(image))
     scale = max(1, 384 // max(picture.size))
@@ -161,4 +160,4 @@ def draw_detections(
     buffer = BytesIO()
     picture.save(buffer, format="PNG")
     io.atomic_write(out, buffer.getvalue())
-    return Path(out)
+    return str(out)

@@ -25,6 +25,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -58,11 +59,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_up(endpoint: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+def wait_until_up(endpoint: str, process: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the S3 server exited with status {process.returncode}: {process.stderr.read()!r}")
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the S3 server exited with status {process.returncode}: {tail}")
         try:
             urllib.request.urlopen(endpoint, timeout=2).close()
             return
@@ -81,7 +83,7 @@ def _raise_priority() -> None:
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """moto's S3 server on a free loopback port with one bucket, and the AWS variables pointing at it."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -89,14 +91,17 @@ def s3_server() -> Iterator[S3Server]:
     # GET), and the server ahead of the training processes for the CPUs: a 2-core machine running two workers and
     # their data tasks would otherwise starve it past the AWS SDK's 3 s request timeout.
     server_env = {**os.environ, "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(2**31)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=server_env,
-        preexec_fn=_raise_priority,
-    )
+    # The server logs a line per request: to a file, not a pipe nobody reads, which would fill after some
+    # thousand requests and block every request thread of the server on its next log line.
+    log = tmp_path_factory.mktemp("s3-server") / "server.log"
+    with open(log, "w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=server_env,
+            preexec_fn=_raise_priority,
+        )
     env = {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
@@ -110,7 +115,7 @@ def s3_server() -> Iterator[S3Server]:
         mp.delenv("AWS_PROFILE", raising=False)
         mp.delenv("AWS_SESSION_TOKEN", raising=False)
         try:
-            wait_until_up(endpoint, process)
+            wait_until_up(endpoint, process, log)
             server = S3Server(endpoint, BUCKET, env)
             server.client().create_bucket(Bucket=BUCKET)
             yield server
