@@ -18,6 +18,10 @@ reduced-size decoding path is exercised) with the same transforms and collate. M
     python benchmarks/data.py --images 1200 --cpus 2
     python benchmarks/data.py --bytes-only      # just the bytes table, merged into the JSON
     python benchmarks/data.py --s3-only         # just S3 against local disk, merged into the JSON
+    python benchmarks/data.py --stall-only      # just the checkpoint stall (`checkpoint_upload.py`), merged
+
+  * the step stall at a checkpoint of ddetr's Ray Train loop, uploaded synchronously or asynchronously to the S3
+    server, and to a local folder (`checkpoint_upload.py`).
 
 Prints a table and writes ``benchmarks/results/data-cpu.json`` (machine, versions, commit, settings).
 """
@@ -45,6 +49,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
+from checkpoint_upload import checkpoint_stall, print_stall_table  # noqa: E402
 from ray.data import DataContext  # noqa: E402
 
 from ddetr import io  # noqa: E402
@@ -240,6 +245,14 @@ def run(args: argparse.Namespace) -> dict:
         make_synthetic_coco(root, args.images, 8, seed=0, image_size=tuple(args.image_size), shard_size=args.shard_size)
     split = os.path.join(root, "shards", "train")
     cfg = TransformConfig().scaled(args.scale)
+    if args.stall_only:
+        server = start_s3_server()
+        try:
+            stall = checkpoint_stall(root, steps=16, every=4, workers=2, scale=args.scale)
+        finally:
+            server.terminate()
+            server.wait()
+        return {"stall_commit": _commit(), "checkpoint_stall": stall, "stall_load_avg_at_end": os.getloadavg()}
     if args.s3_only:
         return {"s3_commit": _commit(), "s3_vs_local": s3_against_local(split, cfg, args.batch, args.cpus),
                 "s3_settings": _settings(args, cfg), "s3_load_avg_at_end": os.getloadavg()}  # fmt: skip
@@ -322,6 +335,9 @@ def print_s3_table(s3: dict) -> None:
 
 
 def print_table(report: dict) -> None:
+    if "checkpoint_stall" in report and "bytes_read" not in report:
+        print_stall_table(report["checkpoint_stall"])
+        return
     if "s3_vs_local" in report and "bytes_read" not in report:
         print_s3_table(report["s3_vs_local"])
         return
@@ -373,12 +389,13 @@ def main() -> None:
     p.add_argument("--data", help="reuse a synthetic dataset directory")
     p.add_argument("--bytes-only", action="store_true", help="only the bytes-read table, merged into --out")
     p.add_argument("--s3-only", action="store_true", help="only S3 server against local disk, merged into --out")
+    p.add_argument("--stall-only", action="store_true", help="only the checkpoint stall, merged into --out")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     report = run(args)
     print_table(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if (args.bytes_only or args.s3_only) and args.out.exists():
+    if (args.bytes_only or args.s3_only or args.stall_only) and args.out.exists():
         report = {**json.loads(args.out.read_text()), **report}
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
