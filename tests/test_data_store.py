@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from collections import Counter
 
 import numpy as np
@@ -35,7 +36,7 @@ class _CountingFile:
 
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(n)
-        self.store.bytes_read[self.name] += len(data)
+        self.store.count(self.name, len(data))
         return data
 
     def seek(self, pos: int, whence: int = 0) -> int:
@@ -59,13 +60,27 @@ class _CountingFile:
 
 
 class CountingStore(pafs.FileSystemHandler):
-    """The local filesystem, counting bytes read per file name; ``fail[name]`` holds open numbers that fail."""
+    """The local filesystem, counting bytes read per file name; ``fail[name]`` holds open numbers that fail.
 
-    def __init__(self) -> None:
+    With ``log``, every read is also appended to that file as "name<TAB>bytes", so the reads of the processes the
+    store is pickled into (Ray's decode tasks) add up in one place.
+    """
+
+    def __init__(self, log: str | None = None) -> None:
         self.local = pafs.LocalFileSystem()
         self.bytes_read: Counter = Counter()
         self.opens: Counter = Counter()
         self.fail: dict[str, range] = {}
+        self.log = log
+
+    def count(self, name: str, size: int) -> None:
+        self.bytes_read[name] += size
+        if self.log is not None:  # one O_APPEND write per read: processes append without interleaving
+            fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, f"{name}\t{size}\n".encode())
+            finally:
+                os.close(fd)
 
     def _open(self, path: str):
         name = os.path.basename(path)
@@ -85,7 +100,9 @@ class CountingStore(pafs.FileSystemHandler):
         return "counting"
 
     def equals(self, other):
-        return self is other
+        # A store that logs is one store wherever it was unpickled: its copies in Ray's tasks share their footers.
+        other = getattr(other, "handler", other)  # pyarrow passes the other PyFileSystem
+        return self is other or (self.log is not None and getattr(other, "log", None) == self.log)
 
     def normalize_path(self, path):
         return path
@@ -263,6 +280,62 @@ def test_ray_workers_get_the_images_the_plain_path_deals_them(data, ray_local, h
     plain = ShardDataset(data.train_shards, CFG, train=True, seed=2, rank=1, world_size=2, deal_size=B)
     plain.set_epoch(0, skip=8)
     assert [int(t["image_id"]) for b in batches for t in b["targets"]] == [e["image_id"] for e in plain]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_ray_decode_tasks_read_each_image_once_per_epoch_over_all_ranks(
+    data, ray_local, hard_timeout, tmp_path, world_size
+):
+    """The Ray path as each Ray Train rank builds it, two epochs: the bytes its decode tasks read, over the ranks.
+
+    Each rank keeps its own process state (its footer check's cache) from one epoch to the next, as a Ray Train
+    worker does; the decode tasks run in Ray's worker processes, which keep theirs. Every epoch reads each row group
+    at most once over all ranks; footers are read in the first epoch only, by each rank's check and by each decode
+    process, never again.
+    """
+    from collections import OrderedDict
+
+    import pyarrow.parquet as pq
+    import ray.cloudpickle
+    from ray.data import DataContext
+
+    from ddetr.data.pipeline import DetrCollateFn, build_ray_dataset
+
+    DataContext.get_current().enable_progress_bars = False
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the store travels to the tasks, not by name
+    split = data.train_shards
+    names = [f for f in os.listdir(split) if f.endswith(".parquet")]
+    footer_size = {f: pq.ParquetFile(os.path.join(split, f)).metadata.serialized_size for f in names}
+    log = tmp_path / "reads.tsv"
+    fs = pafs.PyFileSystem(CountingStore(log=str(log)))
+    ranks = {rank: ({}, {}, OrderedDict()) for rank in range(world_size)}  # each rank's own process caches
+    shard_bytes, done = _shard_bytes(split), 0
+    try:
+        for epoch in (0, 1):
+            seen = []
+            with hard_timeout(240):
+                for rank in range(world_size):
+                    shards._splits, decode._footers, decode._parsed = ranks[rank]
+                    ds = build_ray_dataset(split, CFG, train=True, seed=5, epoch=epoch, rank=rank,
+                                           world_size=world_size, deal_size=B, filesystem=fs)  # fmt: skip
+                    batches = ds.iter_torch_batches(batch_size=B, collate_fn=DetrCollateFn(), drop_last=True)
+                    seen += [int(t["image_id"]) for b in batches for t in b["targets"]]
+            assert sorted(seen) == list(range(1, 49)), f"epoch {epoch}"
+            reads = [line.split("\t") for line in log.read_text().splitlines()][done:]
+            done += len(reads)
+            parquet = [(name, int(size)) for name, size in reads if name.endswith(".parquet")]
+            footers = [name for name, size in parquet if size == footer_size[name]]
+            total = sum(size for _, size in parquet)
+            rows = sum(size for name, size in parquet if size not in (0, 8, footer_size[name]))
+            assert rows <= shard_bytes, f"epoch {epoch}: row groups read {rows / shard_bytes:.3f}x the shards"
+            assert total / shard_bytes <= 1.1, f"epoch {epoch}: read {total / shard_bytes:.3f}x"
+            if epoch == 0:  # each rank's check, and each decode process (at most one per rank here)
+                assert len(footers) <= 2 * world_size * len(footer_size), footers
+            else:
+                assert footers == [], f"footers read again in epoch {epoch}: {footers}"
+    finally:
+        shards._splits, decode._footers, decode._parsed = {}, {}, OrderedDict()
 
 
 @pytest.mark.gpu

@@ -166,12 +166,33 @@ def decode_rows(
 _footers: dict[tuple[int, str, int | None], ShardFooter] = {}
 _parsed: OrderedDict[tuple[int, str, int | None], pq.FileMetaData] = OrderedDict()
 PARSED_FOOTERS = 32  # parsed footers kept per process (COCO: ~3 MB each with row groups of 2)
+# The file systems given explicitly, distinct by value (`FileSystem.equals`): each task gets its own unpickled copy
+# of the one its dataset was built with, and a key by object would read every footer again in every task.
+_filesystems: list[pafs.FileSystem] = []
+
+
+def _filesystem_key(filesystem: pafs.FileSystem | None) -> int:
+    if filesystem is None:  # resolved from the URI
+        return 0
+    for i, known in enumerate(_filesystems):
+        if known.equals(filesystem) or _same_handler(known, filesystem):
+            return i + 1
+    _filesystems.append(filesystem)
+    return len(_filesystems)
+
+
+def _same_handler(a: pafs.FileSystem, b: pafs.FileSystem) -> bool:
+    """Whether two `PyFileSystem`s (fsspec's through `FSSpecHandler`, say) wrap equal handlers: their own `equals`
+    tells copies apart by object."""
+    if not (isinstance(a, pafs.PyFileSystem) and isinstance(b, pafs.PyFileSystem)):
+        return False
+    return type(a.handler) is type(b.handler) and bool(a.handler.equals(b.handler))
 
 
 def _metadata(
     uri: str, filesystem: pafs.FileSystem | None, footer: ShardFooter | None, size: int | None
 ) -> pq.FileMetaData:
-    key = (id(filesystem) if filesystem is not None else 0, uri, footer.size if footer is not None else size)
+    key = (_filesystem_key(filesystem), uri, footer.size if footer is not None else size)
     if key in _parsed:
         _parsed.move_to_end(key)
         return _parsed[key]
