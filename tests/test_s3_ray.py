@@ -9,6 +9,11 @@ read back with boto3, an independent client of the same server.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +25,8 @@ from ddetr.train.logbook import read_metrics
 from tests.s3_server import ray_s3, s3_dir, s3_server  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
 
 TRAIN_IMAGES, VAL_IMAGES = 16, 4
 STEPS_PER_EPOCH = TRAIN_IMAGES // (2 * 2)  # 2 workers of 2 images
@@ -121,3 +128,52 @@ def test_a_run_in_the_bucket_survives_a_killed_worker_and_its_checkpoints_serve_
     assert len(pictures) == 2
     for key in pictures:
         assert client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sweep_in_the_bucket_continues_with_the_bucket_only(
+    ray_s3,  # noqa: F811
+    s3_server,  # noqa: F811
+    s3_dir,  # noqa: F811
+    hard_timeout,
+) -> None:
+    """A 2-trial ASHA sweep with `--storage s3://...`: its table, plot, best config and ASHA rungs land in the bucket;
+    Tune's local files deleted, the same command continues it from the bucket, and a scheduler built on the bucket's
+    rungs alone stops a trial behind them."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from ddetr.sweep.asha import ResumableASHA
+    from ddetr.sweep.driver import ASHA_STATE
+    from tests.test_tune import TEST_SPACE, TINY, sweep_env
+
+    shards = f"{s3_dir}/shards"
+    assert cli.main(["data", "synth", "--out", s3_dir, "--images", "48", "--val", "8"]) == 0
+    cmd = [sys.executable, str(REPO / "tune" / "sweep.py"), "--preset", "tiny", "--data", shards, "--space",
+           str(TEST_SPACE), "--samples", "1", "--max-concurrent", "2", "--name", "asha", "--storage",
+           f"{s3_dir}/tune", *TINY, "train.epochs=1"]  # fmt: skip
+    env = sweep_env(ray_s3)
+    with hard_timeout(600):
+        first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    sweep = f"{s3_dir}/tune/asha"
+    keys = s3_server.keys(bucket_key(s3_server, sweep) + "/")
+    for name in ("results.csv", "results.md", "ap_vs_params.png", "best_config.json", ASHA_STATE):
+        assert f"{bucket_key(s3_server, sweep)}/{name}" in keys, sorted(keys)
+    table = io.read_text(f"{sweep}/results.csv")
+    assert len(table.splitlines()) == 3, table  # a header and the two trials of the learning-rate grid
+
+    # Tune's local files of the sweep (its driver's staging folder in the Ray session): gone, as on another machine.
+    staged = {p.resolve() for p in Path("/tmp/ray").glob("session_*/artifacts/*/asha")}  # session_latest: a link
+    assert staged, "no local staging folder of the sweep found to delete"
+    for local in staged:
+        shutil.rmtree(local)
+    with hard_timeout(300):
+        again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"continuing the sweep in {sweep}" in again.stdout + again.stderr, again.stderr[-3000:]
+    assert io.read_text(f"{sweep}/results.csv").splitlines()[1:] == table.splitlines()[1:]  # nothing ran again
+
+    scheduler = ResumableASHA(f"{sweep}/{ASHA_STATE}", metric="val/AP", mode="max", time_attr="epoch", max_t=1,
+                              grace_period=1, reduction_factor=2)  # fmt: skip
+    behind = types.SimpleNamespace(trial_id="behind")
+    scheduler.on_trial_add(None, behind)
+    assert scheduler.on_trial_result(None, behind, {"epoch": 1, "val/AP": -1.0}) == TrialScheduler.STOP
