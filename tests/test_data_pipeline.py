@@ -138,16 +138,34 @@ def test_undecodable_bytes_are_dropped_with_a_warning(shards, caplog):
     assert f"image_id {t['image_id'][1]}" in caplog.text
 
 
+def test_idle_scheduling_loop_turns_are_stretched_and_busy_ones_left_alone():
+    import time
+
+    from ddetr.data.pipeline import IdleLoopThrottle
+
+    throttle = IdleLoopThrottle()
+    throttle.on_execution_step(None)
+    start = time.perf_counter()
+    for _ in range(4):  # turns that returned at once, as with no task running: each sleeps out the minimum
+        throttle.on_execution_step(None)
+    assert time.perf_counter() - start >= 4 * IdleLoopThrottle.min_turn_s
+    time.sleep(2 * IdleLoopThrottle.min_turn_s)  # a turn that waited on a task (ray.wait) by itself
+    start = time.perf_counter()
+    throttle.on_execution_step(None)
+    assert time.perf_counter() - start < IdleLoopThrottle.min_turn_s / 2
+
+
 @pytest.mark.ray
 def test_ray_pipeline_matches_the_plain_one(shards, ray_local, limit_120s):
     from ray.data import DataContext
 
-    from ddetr.data.pipeline import DetrCollateFn, build_ray_dataset
+    from ddetr.data.pipeline import DetrCollateFn, IdleLoopThrottle, build_ray_dataset
 
     DataContext.get_current().enable_progress_bars = False
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)  # RayDeprecationWarning is one
         ds = build_ray_dataset(shards.train_shards, CFG, train=True, seed=3, epoch=0)
+        assert ds.context.custom_execution_callback_classes.count(IdleLoopThrottle) == 1
         ray_batches = list(ds.iter_torch_batches(batch_size=B, collate_fn=DetrCollateFn(), drop_last=True))
     plain = list(build_dataloader(shards.train_shards, CFG, train=True, batch_size=B, seed=3, epoch=0, num_workers=0))
     assert _ids(ray_batches) == _ids(plain) == _expected_ids(shards.train_shards, 3, 0)

@@ -19,15 +19,22 @@ make the epoch order depend on block sizes. Tasks ask for ``num_cpus`` each (def
 machine, tasks holding a whole CPU each leave nothing for the trainer, and Ray Data then stalls
 without an error. The dataset preserves order, so one consumer sees exactly the plain DataLoader's
 order. Images stay uint8 up to the trainer (``collate.batch_to`` normalises on its device).
+
+The dataset runs its scheduling loop in a thread of the consuming process (the trainer). While it has no task
+running (its output is buffered, waiting for the trainer), Ray Data's loop turns without blocking and holds
+the GIL most of the time, so every Python step of the trainer waits for it: ``IdleLoopThrottle`` sleeps in
+those turns.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pyarrow.fs as pafs
 import ray
 import ray.data
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ddetr.data.collate import collate_columns
@@ -55,6 +62,27 @@ class DetrCollateFn(NumpyBatchCollateFn):
         if self.pin_memory:
             out["images"], out["mask"] = out["images"].pin_memory(), out["mask"].pin_memory()
         return out
+
+
+class IdleLoopThrottle(ExecutionCallback):
+    """Makes each turn of the scheduling loop last at least `min_turn_s`, sleeping out the rest.
+
+    A turn with a task running waits on it (`ray.wait`, up to 0.1 s, without the GIL); one without returns at
+    once, and the loop then spins on the GIL that the trainer needs for every op it launches (on a 2-CPU
+    machine, a tiny model's steps took 3-4x longer while the decoded epoch sat buffered). The cap delays the
+    loop's reaction to a consumed batch by at most `min_turn_s`; each turn still dispatches all it can.
+    """
+
+    min_turn_s = 0.025
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def on_execution_step(self, executor: Any) -> None:
+        rest = self.min_turn_s - (time.perf_counter() - self._last)
+        if rest > 0:
+            time.sleep(rest)
+        self._last = time.perf_counter()
 
 
 def build_ray_dataset(
@@ -121,4 +149,6 @@ def build_ray_dataset(
         },
     )
     ds.context.execution_options.preserve_order = True
+    if IdleLoopThrottle not in ds.context.custom_execution_callback_classes:
+        ds.context.custom_execution_callback_classes.append(IdleLoopThrottle)
     return ds
