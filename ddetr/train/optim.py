@@ -34,8 +34,15 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
 
 
+# Devices with a fused AdamW kernel: one pass over each tensor instead of a dozen elementwise ops. On a CPU it is
+# 5x faster than the per-tensor loop torch picks there by default (benchmarks/optim.py).
+FUSED_DEVICES = ("cpu", "cuda")
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = param_groups(model, cfg)
+    fused = all(p.device.type in FUSED_DEVICES and p.dtype.is_floating_point for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.StepLR:
