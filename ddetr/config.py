@@ -122,6 +122,10 @@ class DataConfig:
     train: str = ""  # shard directory (or URI) of the training split; "" for none
     val: str = ""  # shard directory (or URI) of the validation split; "" for none
     scale: float = 1.0  # multiplies every transform size of the paper (0.2: shorter sides 96..160 for CPU runs)
+    # Training augmentation. The paper's: each image resized to a random shorter side (multi_scale) and, with
+    # probability crop_p, a random crop first; short schedules fit faster without both (the demo).
+    crop_p: float = 0.5
+    multi_scale: bool = True
     loader_workers: int = 2  # DataLoader processes of the single-process engine
     map_cpus: float = 0.5  # CPUs per Ray Data decode task: below 1 so that 2-CPU machines do not starve
     # A shard whose footer or row count is wrong stops the run before its first step, naming the file; with
@@ -129,6 +133,10 @@ class DataConfig:
     skip_unreadable_shards: bool = False
     # No batch for this long ends the run with an error that names the likely cause, instead of a silent hang.
     watchdog_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.crop_p <= 1.0:
+            raise ConfigError(f"data.crop_p is a probability, between 0 and 1; got {self.crop_p}")
 
 
 @dataclass

@@ -50,6 +50,13 @@ class TransformConfig:
         )
 
     @classmethod
+    def for_training(cls, scale: float, crop_p: float = 0.5, multi_scale: bool = True) -> TransformConfig:
+        """The training run's transforms: the paper's at ``scale`` (`data.scale`), with the crop branch taken with
+        probability ``crop_p`` and, without ``multi_scale``, every training image resized as for validation."""
+        t = replace(cls().scaled(scale), crop_p=crop_p)
+        return t if multi_scale else replace(t, scales=(t.val_size,))
+
+    @classmethod
     def small(cls) -> TransformConfig:
         """The CPU preset: the paper's transforms at 1/5 size (shorter side 96..160, max 267)."""
         return cls().scaled(0.2)
