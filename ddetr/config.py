@@ -71,6 +71,9 @@ class ModelConfig:
     num_queries: int = 300  # also the number of proposals kept in two-stage mode
     with_box_refine: bool = False
     two_stage: bool = False
+    # Two-stage: the IoU above which a proposal is set aside for a better-scoring one before the decoder gets its
+    # num_queries (greedy NMS over the encoder's proposals); 0 keeps the plain top-k of the paper.
+    proposal_nms: float = 0.0
     aux_loss: bool = True
     num_classes: int = 91  # COCO's raw category ids go up to 90; the official release uses 91 logits
     # Multi-scale deformable attention backend for every layer: None (environment's choice), "reference", "cpp",
@@ -97,6 +100,10 @@ class ModelConfig:
         if self.num_feature_levels != 1 and self.num_feature_levels < 3:
             # Multi-scale uses all three backbone levels (C3-C5) and adds strided levels beyond them.
             raise ConfigError(f"model.num_feature_levels must be 1 or >= 3, got {self.num_feature_levels}")
+        if not 0.0 <= self.proposal_nms < 1.0:
+            raise ConfigError(f"model.proposal_nms must lie in [0, 1) (0: off), got {self.proposal_nms}")
+        if self.proposal_nms and not self.two_stage:
+            raise ConfigError("model.proposal_nms selects encoder proposals: it needs model.two_stage=true")
         if self.two_stage and not self.with_box_refine:
             # The paper's two-stage variant refines boxes iteratively; the official configs always pair them.
             raise ConfigError("model.two_stage=true needs model.with_box_refine=true (the paper pairs them)")

@@ -69,6 +69,8 @@ def test_overrides_convert_types_and_leave_the_input_alone():
         ("model.num_queries", ValueError, "section.field=value"),
         ("model.backbone=vgg16", ValueError, "resnet50"),
         ("model.num_feature_levels=2", ValueError, "num_feature_levels"),
+        ("model.proposal_nms=1.5", ValueError, "proposal_nms must lie"),
+        ("model.proposal_nms=0.5", ValueError, "needs model.two_stage"),
     ],
 )
 def test_bad_overrides_say_what_is_wrong(override, error, match):

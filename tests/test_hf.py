@@ -137,7 +137,7 @@ def test_reading_names_what_is_wrong(tmp_path):
         write_hf(perturbed(m), m, tmp_path, {0: "only one"})
 
 
-def test_single_scale_round_trip_and_dc5_basic_blocks_are_refused(tmp_path):
+def test_single_scale_round_trip_and_what_hf_lacks_is_refused(tmp_path):
     for name, backbone in (("single_scale", "resnet18"), ("single_scale_dc5", "resnet50")):
         m = dataclasses.replace(small("base"), num_feature_levels=1, dilation=name.endswith("dc5"), backbone=backbone)
         model = perturbed(m)
@@ -156,3 +156,7 @@ def test_single_scale_round_trip_and_dc5_basic_blocks_are_refused(tmp_path):
     with pytest.raises(ValueError, match="backbone_norm=group_norm"):
         write_hf(perturbed(m), m, tmp_path / "gn", {i: str(i) for i in range(m.num_classes)})
     assert not (tmp_path / "gn").exists()
+    m = dataclasses.replace(small("two_stage"), proposal_nms=0.5)
+    with pytest.raises(ValueError, match="proposal_nms=0.5"):
+        write_hf(perturbed(m), m, tmp_path / "nms", {i: str(i) for i in range(m.num_classes)})
+    assert not (tmp_path / "nms").exists()

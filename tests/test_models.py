@@ -12,6 +12,7 @@ from ddetr.models import build_model
 from ddetr.models.backbone import Backbone, build_backbone
 from ddetr.models.box_ops import box_cxcywh_to_xyxy, box_iou
 from ddetr.models.deformable_detr import PostProcess
+from ddetr.models.deformable_transformer import distinct_proposals
 from ddetr.models.position_encoding import PositionEmbeddingSine
 
 
@@ -251,6 +252,64 @@ def test_heads_share_weights_without_refinement_and_start_from_the_prior():
     two = build_model(shrunk("two_stage"))[0]
     assert len(two.class_embed) == 3 and two.transformer.decoder.class_embed is two.class_embed
     assert all((b.layers[-1].bias == 0).all() for b in two.bbox_embed)
+
+
+def greedy_nms(scores: torch.Tensor, boxes: torch.Tensor, k: int, threshold: float) -> list[int]:
+    """Textbook greedy NMS over one image's proposals (cxcywh), filled up to k with the best suppressed ones."""
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))[: 4 * k]
+    xyxy = box_cxcywh_to_xyxy(boxes)
+    kept, spare = [], []
+    for i in order:
+        overlaps = any(float(box_iou(xyxy[i : i + 1], xyxy[j : j + 1])[0]) > threshold for j in kept)
+        (spare if overlaps or scores[i] == float("-inf") else kept).append(i)
+    return (kept + spare)[:k]
+
+
+def test_distinct_proposals_are_greedy_nms_filled_up_with_the_set_aside_ones():
+    # Three near-copies of one box score best; then two boxes elsewhere; the last proposal is invalid (-inf).
+    copies = [[0.5, 0.5, 0.4, 0.4], [0.51, 0.5, 0.4, 0.4], [0.5, 0.49, 0.4, 0.4]]
+    boxes = torch.tensor(copies + [[0.15, 0.15, 0.2, 0.2], [0.8, 0.8, 0.2, 0.2], [0.5, 0.5, 0.1, 0.1]])
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, float("-inf")]])
+    coords = torch.logit(boxes)[None]
+    assert distinct_proposals(scores, coords, 3, 0.5).tolist() == [[0, 3, 4]]
+    assert distinct_proposals(scores, coords, 6, 0.5).tolist() == [[0, 3, 4, 1, 2, 5]]  # then by score, invalid last
+    assert distinct_proposals(scores, coords, 3, 0.99).tolist() == [[0, 1, 2]]  # nothing overlaps that much
+    torch.manual_seed(0)
+    scores, coords = torch.randn(3, 200), torch.randn(3, 200, 4) * 0.5 - torch.tensor([0.0, 0.0, 1.5, 1.5])
+    chosen = distinct_proposals(scores, coords, 20, 0.4)
+    for b in range(3):
+        assert chosen[b].tolist() == greedy_nms(scores[b], coords[b].sigmoid(), 20, 0.4)
+
+
+def test_two_stage_with_proposal_nms_trains_and_changes_only_the_selection():
+    cfg = shrunk("two_stage")
+    torch.manual_seed(0)
+    plain, criterion, _ = build_model(cfg)
+    cfg_nms = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, proposal_nms=0.3))
+    nms = build_model(cfg_nms)[0]
+    nms.load_state_dict(plain.state_dict())  # the option adds no weights
+    # Large proposals everywhere, so that the plain top-k takes overlapping ones.
+    for model in (plain, nms):
+        with torch.no_grad():
+            model.transformer.decoder.bbox_embed[-1].layers[-1].bias[2:] = 2.0
+    images, mask = batch([(96, 128), (80, 112)])
+    chosen = {}
+    for name, model in (("plain", plain), ("nms", nms)):
+        model.eval()
+        refs: list[torch.Tensor] = []
+        hook = model.transformer.decoder.register_forward_hook(lambda m, args, out, refs=refs: refs.append(args[1]))
+        with torch.no_grad():
+            model(images, mask)
+        hook.remove()
+        chosen[name] = box_cxcywh_to_xyxy(refs[0][0])
+
+    def worst_overlap(xyxy: torch.Tensor) -> float:
+        return float(box_iou(xyxy, xyxy)[0].fill_diagonal_(0).max())
+
+    assert worst_overlap(chosen["plain"]) > 0.3 >= worst_overlap(chosen["nms"][:5])
+    nms.train()
+    criterion.total_loss(criterion(nms(images, mask), TARGETS)).backward()
+    assert all(p.grad is not None for n, p in nms.named_parameters() if p.requires_grad and "backbone" not in n)
 
 
 def test_encoder_checkpointing_gives_the_same_gradients():

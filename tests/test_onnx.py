@@ -26,6 +26,7 @@ VARIANTS = {
     "multi_scale": {},
     "box_refine": {"with_box_refine": True},
     "two_stage": {"with_box_refine": True, "two_stage": True},
+    "two_stage_nms": {"with_box_refine": True, "two_stage": True, "proposal_nms": 0.5},
 }
 TOP_K = 100
 # fp32 parity of the graph with PyTorch (logits and boxes in [0, 1]); scores are sigmoids, boxes in pixels.

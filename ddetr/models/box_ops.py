@@ -18,22 +18,22 @@ def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    """(N, 4) xyxy -> (N,) areas."""
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    """(..., N, 4) xyxy -> (..., N) areas."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairwise IoU of (N, 4) and (M, 4) xyxy boxes.
+    """Pairwise IoU of (..., N, 4) and (..., M, 4) xyxy boxes (the same leading dims, e.g. a batch).
 
     Returns:
-        iou (N, M) and union (N, M); the union is reused by `generalized_box_iou`.
+        iou (..., N, M) and union (..., N, M); the union is reused by `generalized_box_iou`.
     """
     area1, area2 = box_area(boxes1), box_area(boxes2)
-    lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])  # (N, M, 2)
-    rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])  # (N, M, 2)
+    lt = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])  # (..., N, M, 2)
+    rb = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])  # (..., N, M, 2)
     wh = (rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    union = area1[:, None] + area2[None, :] - inter
+    union = area1[..., :, None] + area2[..., None, :] - inter
     return inter / union, union
 
 

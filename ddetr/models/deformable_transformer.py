@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddetr.models import box_ops
 from ddetr.models.deformable_encoder import DeformableTransformerEncoder, DeformableTransformerEncoderLayer
 from ddetr.ops import MSDeformAttn
 
@@ -142,6 +143,37 @@ class DeformableTransformerDecoder(nn.Module):
         return torch.stack(intermediate), torch.stack(intermediate_refs)
 
 
+def distinct_proposals(scores: torch.Tensor, coords_unact: torch.Tensor, k: int, iou_threshold: float) -> torch.Tensor:
+    """Indices of k proposals chosen by greedy non-maximum suppression instead of the plain top-k.
+
+    The best-scoring proposal is kept, those overlapping it by more than `iou_threshold` are set aside, and so on
+    over the 4k best; if fewer than k survive, the best set-aside ones fill the rest. An object covered by many
+    high-scoring pixels then gives the decoder one query rather than several near-identical ones (DETA's remedy for
+    two-stage duplicates; the official code keeps the plain top-k).
+
+    Args:
+        scores: (B, S) objectness logits, -inf where a proposal is invalid; coords_unact: (B, S, 4) cxcywh logits.
+
+    Returns:
+        (B, k) indices into S, in the order chosen.
+    """
+    B, S = scores.shape
+    pool_scores, pool = torch.topk(scores, min(S, 4 * k), dim=1)  # sorted: a lower pool index scores higher
+    boxes = box_ops.box_cxcywh_to_xyxy(torch.gather(coords_unact, 1, pool[..., None].expand(-1, -1, 4)).sigmoid())
+    iou = box_ops.box_iou(boxes, boxes)[0]  # (B, N, N)
+    taken = torch.zeros_like(pool_scores, dtype=torch.bool)
+    suppressed = torch.isinf(pool_scores)  # invalid proposals only fill in
+    rows = torch.arange(B, device=scores.device)
+    chosen = []
+    for _ in range(k):
+        free = ~taken & ~suppressed
+        first = torch.where(free.any(1), free.byte().argmax(1), (~taken).byte().argmax(1))  # first max: best score
+        chosen.append(first)
+        taken[rows, first] = True
+        suppressed = suppressed | (iou[rows, first] > iou_threshold)
+    return torch.gather(pool, 1, torch.stack(chosen, 1))
+
+
 class DeformableTransformer(nn.Module):
     """Encoder + decoder over flattened multi-level maps, with the query and two-stage machinery.
 
@@ -151,6 +183,8 @@ class DeformableTransformer(nn.Module):
         dec_n_points, enc_n_points: sampling points per head and level.
         two_stage: take the queries from the top-scoring encoder proposals instead of learned embeddings.
         num_queries: the decoder's queries; in two-stage mode, the encoder proposals kept.
+        proposal_nms: two-stage only: keep proposals whose IoU with a better-scoring kept one is at most this
+            (greedy, class-agnostic, over the 4 * num_queries best); 0 keeps the plain top-k (the paper's).
         msda_backend: backend of every MSDeformAttn (None: environment's choice).
         checkpoint_encoder: activation checkpointing of the encoder layers.
     """
@@ -169,12 +203,13 @@ class DeformableTransformer(nn.Module):
         enc_n_points: int = 4,
         two_stage: bool = False,
         num_queries: int = 300,
+        proposal_nms: float = 0.0,
         msda_backend: str | None = None,
         checkpoint_encoder: bool = False,
     ) -> None:
         super().__init__()
         self.d_model, self.nheads = d_model, nheads
-        self.two_stage, self.num_queries = two_stage, num_queries
+        self.two_stage, self.num_queries, self.proposal_nms = two_stage, num_queries, proposal_nms
         sizes = {"d_model": d_model, "dim_feedforward": dim_feedforward, "dropout": dropout, "nheads": nheads}
         enc_layer = DeformableTransformerEncoderLayer(
             **sizes, num_feature_levels=num_feature_levels, n_points=enc_n_points, msda_backend=msda_backend
@@ -331,7 +366,10 @@ class DeformableTransformer(nn.Module):
             # of their zeroed memory, so padding could change which proposals an image gets; trained models
             # score them low, so released checkpoints give the same detections.
             scores = enc_outputs_class[..., 0].masked_fill(torch.isinf(output_proposals).any(-1), float("-inf"))
-            topk_proposals = torch.topk(scores, k, dim=1)[1]  # (B, Q)
+            if self.proposal_nms > 0:
+                topk_proposals = distinct_proposals(scores, enc_outputs_coord_unact.detach(), k, self.proposal_nms)
+            else:
+                topk_proposals = torch.topk(scores, k, dim=1)[1]  # (B, Q)
             topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1, topk_proposals[..., None].expand(-1, -1, 4))
             topk_coords_unact = topk_coords_unact.detach()  # proposals are inputs of the second stage, not outputs
             reference_points = topk_coords_unact.sigmoid()  # (B, Q, 4)
@@ -364,6 +402,7 @@ def build_deformable_transformer(m: ModelConfig) -> DeformableTransformer:
         enc_n_points=m.enc_n_points,
         two_stage=m.two_stage,
         num_queries=m.num_queries,
+        proposal_nms=m.proposal_nms,
         msda_backend=m.msda_backend,
         checkpoint_encoder=m.checkpoint_encoder,
     )

@@ -226,8 +226,13 @@ def hf_config(m: ModelConfig, id2label: dict[int, str]) -> dict:
     """The config.json of a `DeformableDetrForObjectDetection` equivalent to `m` (transformers 5.x fields).
 
     Raises:
-        ValueError: DC5 with ResNet-18/34, which timm builds differently; a group-norm backbone.
+        ValueError: DC5 with ResNet-18/34, which timm builds differently; a group-norm backbone; proposal NMS.
     """
+    if m.proposal_nms:
+        raise ValueError(
+            f"cannot export model.proposal_nms={m.proposal_nms}: the Hugging Face model keeps the plain top-k of the "
+            "encoder's proposals, so its detections would differ"
+        )
     if m.backbone_norm != "frozen_bn":
         raise ValueError(
             f"cannot export a backbone with model.backbone_norm={m.backbone_norm}: the Hugging Face model's timm "
