@@ -6,23 +6,29 @@ PY := $(VENV)/bin/python
 # The CPU build of torch is enough here; on a GPU machine use e.g. `make TORCH=torch`.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench op clean
+.PHONY: setup dev demo test lint bench op clean
 
+# setup: what the package needs; dev: plus the test tools (pytest, ruff, moto, onnxruntime), for test and lint.
 setup: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
 	touch $@
 
 demo: setup
 	$(VENV)/bin/ddetr demo
 
-test: setup
+test: dev
 	$(PY) -m pytest -q tests
 
-lint: setup
+lint: dev
 	$(VENV)/bin/ruff check ddetr tests benchmarks tune jobs && $(VENV)/bin/ruff format --check ddetr tests benchmarks tune jobs
 
 op: setup
