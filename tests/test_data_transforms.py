@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ddetr.config import DataConfig
 from ddetr.data.decode import decode_example, decode_image
 from ddetr.data.transforms import (
     Geometry,
@@ -55,12 +56,12 @@ def test_paper_defaults_and_cpu_preset():
 
 def test_training_augmentation_follows_the_data_config():
     rng = np.random.default_rng(0)
-    paper = TransformConfig.for_training(0.2)
+    paper = TransformConfig.for_training(DataConfig(scale=0.2))
     assert paper == TransformConfig.small()
     geos = [sample_train_geometry(150, 180, paper, rng) for _ in range(200)]
     assert any(g.crop != (0.0, 0.0, 180.0, 150.0) for g in geos)  # the crop branch
     assert len({g.out_size for g in geos}) > 5  # random shorter sides
-    plain = TransformConfig.for_training(0.2, crop_p=0.0, multi_scale=False)
+    plain = TransformConfig.for_training(DataConfig(scale=0.2, crop_p=0.0, multi_scale=False))
     geos = [sample_train_geometry(150, 180, plain, rng) for _ in range(200)]
     val = val_geometry(150, 180, plain)
     assert {(g.crop, g.out_size) for g in geos} == {(val.crop, val.out_size)}

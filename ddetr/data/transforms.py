@@ -15,8 +15,12 @@ geometry in original coordinates, so they stay exact whatever scale the decoder 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ddetr.config import DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,11 +54,11 @@ class TransformConfig:
         )
 
     @classmethod
-    def for_training(cls, scale: float, crop_p: float = 0.5, multi_scale: bool = True) -> TransformConfig:
-        """The training run's transforms: the paper's at ``scale`` (`data.scale`), with the crop branch taken with
-        probability ``crop_p`` and, without ``multi_scale``, every training image resized as for validation."""
-        t = replace(cls().scaled(scale), crop_p=crop_p)
-        return t if multi_scale else replace(t, scales=(t.val_size,))
+    def for_training(cls, data: DataConfig) -> TransformConfig:
+        """The training run's transforms: the paper's at `data.scale`, with the crop branch taken with probability
+        `data.crop_p` and, without `data.multi_scale`, every training image resized as for validation."""
+        t = replace(cls().scaled(data.scale), crop_p=data.crop_p)
+        return t if data.multi_scale else replace(t, scales=(t.val_size,))
 
     @classmethod
     def small(cls) -> TransformConfig:

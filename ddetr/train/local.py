@@ -56,7 +56,7 @@ class LocalRuntime:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.resume = resume
         self.logbook = Logbook(self.dir)
-        self.transforms = TransformConfig.for_training(cfg.data.scale, cfg.data.crop_p, cfg.data.multi_scale)
+        self.transforms = TransformConfig.for_training(cfg.data)
         self._evaluator = CocoEvaluator.from_shards(cfg.data.val) if cfg.data.val else None
 
     def wrap(self, model: nn.Module) -> nn.Module:

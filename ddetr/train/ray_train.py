@@ -71,7 +71,7 @@ class RayRuntime:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.resume = resume
-        self.transforms = TransformConfig.for_training(cfg.data.scale, cfg.data.crop_p, cfg.data.multi_scale)
+        self.transforms = TransformConfig.for_training(cfg.data)
         self.logbook = Logbook(run_dir(cfg.train.storage_path, cfg.train.name), enabled=self.rank == 0)
         self._evaluator = CocoEvaluator.from_shards(cfg.data.val) if cfg.data.val else None
         self._restored: Path | None = None
