@@ -119,6 +119,7 @@ def plot_curves(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     records = read_metrics(run_dir)
     steps = [r for r in records if r["kind"] == "step" and "loss" in r]
@@ -136,6 +137,7 @@ def plot_curves(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         evaluated = [r for r in epochs if key in r]
         ax_ap.plot([r["epoch"] for r in evaluated], [r[key] for r in evaluated], marker="o", label=label)
     ax_ap.set(xlabel="epoch", ylabel="COCO bbox", title="validation", ylim=(0, 1))
+    ax_ap.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax_ap.legend()
     fig.tight_layout()
     io.save_figure(fig, out)
