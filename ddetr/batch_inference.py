@@ -1,6 +1,6 @@
 """Batch inference over a shard folder with Ray Data: an actor pool holding one model per actor.
 
-    ddetr predict --checkpoint runs/demo/checkpoint_00000800 --shards data/shards/val --out preds/
+    ddetr predict --checkpoint runs/demo/checkpoint_00000600 --shards data/shards/val --out preds/
 
 Shards are read by Ray Data's Parquet reader (image bytes and ids only), decoded and detected in `DetectBatch`
 actors (each loads the checkpoint once, on a GPU when the cluster has them), and the detections stream back to

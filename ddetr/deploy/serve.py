@@ -1,6 +1,6 @@
 """Online detection on Ray Serve: a checkpoint behind `POST /detect`, with dynamic batching and autoscaled replicas.
 
-    ddetr serve --checkpoint runs/demo/checkpoint_00000800 --port 8000
+    ddetr serve --checkpoint runs/demo/checkpoint_00000600 --port 8000
     curl --data-binary @a.jpg -H "Content-Type: image/jpeg" "http://127.0.0.1:8000/detect?threshold=0.5"
 
 Requests (each handled by one `DetectorServer` replica):
