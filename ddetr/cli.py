@@ -105,9 +105,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ddetr.demo import run_demo
+    from ddetr.demo import DEMO_EPOCHS, run_demo
 
-    run_demo(Path(args.out), epochs=args.epochs, overrides=args.overrides)
+    run_demo(Path(args.out), epochs=args.epochs or DEMO_EPOCHS, overrides=args.overrides)
     return 0
 
 
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: synthetic COCO, Ray training, results folder")
     p.add_argument("--out", default="results/demo")
-    p.add_argument("--epochs", type=int, default=4, help="training epochs of 800 images")
+    p.add_argument("--epochs", type=int, default=0, help="training epochs of 800 images (0: the demo's, 3)")
     p.add_argument("overrides", **overrides)
     p.set_defaults(func=cmd_demo)
 
