@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: synthetic COCO, Ray training, results folder")
     p.add_argument("--out", default="results/demo")
-    p.add_argument("--epochs", type=int, default=0, help="training epochs of 800 images (0: the demo's, 3)")
+    p.add_argument("--epochs", type=int, default=0, help="training epochs of 800 images (0: the demo's schedule)")
     p.add_argument("overrides", **overrides)
     p.set_defaults(func=cmd_demo)
 
