@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,13 @@ def test_debug_shows_the_traceback(data):
 
     with pytest.raises(ConfigError, match="model.num_querys"):
         main(["--debug", "train", "--preset", "tiny", "--data", data, "model.num_querys=5"])
+
+
+def test_demo_trains_its_recipe(data, tmp_path):
+    from ddetr.demo import DEMO_EPOCHS, demo_config
+
+    cfg = demo_config(tmp_path, Path(data), DEMO_EPOCHS, [])
+    assert (cfg.train.epochs, cfg.train.lr_drop) == (DEMO_EPOCHS, DEMO_EPOCHS - 1)
+    assert cfg.model.two_stage and cfg.model.proposal_nms == 0.5 and cfg.model.num_queries == 10
+    assert (cfg.data.crop_p, cfg.data.multi_scale, cfg.model.backbone_norm) == (0.0, False, "group_norm")
+    assert demo_config(tmp_path, Path(data), 4, ["model.num_queries=5"]).model.num_queries == 5  # overrides win
