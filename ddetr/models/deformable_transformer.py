@@ -148,8 +148,8 @@ def distinct_proposals(scores: torch.Tensor, coords_unact: torch.Tensor, k: int,
 
     The best-scoring proposal is kept, those overlapping it by more than `iou_threshold` are set aside, and so on
     over the 4k best; if fewer than k survive, the best set-aside ones fill the rest. An object covered by many
-    high-scoring pixels then gives the decoder one query rather than several near-identical ones (DETA's remedy for
-    two-stage duplicates; the official code keeps the plain top-k).
+    high-scoring pixels then gives the decoder one query rather than several near-identical ones (the official code
+    keeps the plain top-k).
 
     Args:
         scores: (B, S) objectness logits, -inf where a proposal is invalid; coords_unact: (B, S, 4) cxcywh logits.
