@@ -159,6 +159,9 @@ class TrainConfig:
     lr_linear_proj_mult: float = 0.1  # sampling_offsets and reference_points learn 10x slower
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
+    # A step whose gradient norm is NaN or infinite is skipped (weights, optimizer and EMA untouched); this many in
+    # a row stop the run with NonFiniteLossError: one bad batch is survived, a diverged model is not trained on.
+    max_nonfinite_steps: int = 3
     amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU), "bf16", "fp16", "off"
     amp_eval: bool = False  # validate under train.amp's autocast too (default: fp32, as `ddetr eval`)
     # EMA of the weights, validated and deployed instead of the raw ones; 0: off. About 0.9997 at 32 images per
@@ -196,6 +199,8 @@ class TrainConfig:
             raise ConfigError(f"train.amp must be auto, bf16, fp16 or off, got {self.amp!r}")
         if self.batch_size < 1:
             raise ConfigError(f"train.batch_size must be at least 1, got {self.batch_size}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"train.max_nonfinite_steps must be at least 1, got {self.max_nonfinite_steps}")
         # Configs saved before use_gpu took "auto" hold a bool.
         self.use_gpu = {"1": "true", "0": "false", "yes": "true", "no": "false"}.get(
             str(self.use_gpu).lower(), str(self.use_gpu).lower()

@@ -208,6 +208,7 @@ def fit(cfg: Config, runtime: Runtime, callbacks: Sequence[StepCallback] = ()) -
     trained = runtime.wrap(run.model)
     accum = accumulation_steps(cfg, runtime.world_size)
     images_per_step = t.batch_size * runtime.world_size * accum
+    divergence = DivergenceGuard(runtime, t.max_nonfinite_steps)
     metrics: dict[str, Any] = dict(state.metrics)
     preempted = False
     restart_due: float | None = None  # a preemption's deadline, once its just-in-time checkpoint is written
@@ -223,6 +224,7 @@ def fit(cfg: Config, runtime: Runtime, callbacks: Sequence[StepCallback] = ()) -
             tick = time.perf_counter()
             group = [batch_to(b, device) for b in group]
             seed_step(t.seed, runtime.rank, state.step)  # after the batches: a data iterator draws from torch too
+            where = f"epoch {epoch}, optimizer step {state.step + 1} (step {state.batches_done + 1} of the epoch)"
             try:
                 step_metrics = train_step(
                     trained,
@@ -235,12 +237,11 @@ def fit(cfg: Config, runtime: Runtime, callbacks: Sequence[StepCallback] = ()) -
                     scaler=run.scaler,
                 )
             except NonFiniteLossError as err:
-                where = f"epoch {epoch}, optimizer step {state.step + 1} (step {state.batches_done + 1} of the epoch)"
                 log.error("stopping at %s: the loss is not finite; the last good checkpoint is kept", where)
                 hint = "check the data, or resume from the last checkpoint with a lower train.lr or clip_max_norm"
                 raise NonFiniteLossError(f"non-finite loss at {where}: {err}; {hint}") from None
-            if run.ema is not None:
-                run.ema.update(run.model)
+            if divergence.step_taken(step_metrics, where, state.step + 1, epoch) and run.ema is not None:
+                run.ema.update(run.model)  # only after a step taken: a skipped one left the weights as they were
             state.step, state.batches_done, state.images_done = (
                 state.step + 1,
                 state.batches_done + 1,
@@ -277,7 +278,7 @@ def fit(cfg: Config, runtime: Runtime, callbacks: Sequence[StepCallback] = ()) -
 
         run.scheduler.step()
         state.epoch, state.batches_done, state.images_done = epoch + 1, 0, 0
-        metrics = {f"train/{k}": v / max(1, steps_here) for k, v in sums.items()}
+        metrics = epoch_metrics(sums, steps_here)
         metrics.update(epoch=state.epoch, step=state.step)
         val = runtime.val_batches()
         if val is not None and (state.epoch % t.eval_every == 0 or state.epoch == t.epochs):
@@ -307,6 +308,43 @@ def await_restart(deadline: float, step: int, margin_s: float = 60.0) -> None:
     while time.time() < deadline + margin_s:
         time.sleep(min(1.0, max(0.0, deadline + margin_s - time.time())))
     log.warning("no restart %.0f s after the preemption deadline: training on from step %d", margin_s, step)
+
+
+class DivergenceGuard:
+    """Counts the optimizer steps `train_step` skipped for a non-finite gradient norm, and ends the run after
+    `limit` (`train.max_nonfinite_steps`) in a row.
+
+    A skipped step changed nothing but still counts: the data moves on, and every rank skipped it too (the decision
+    is taken on the all-reduced gradients), so the ranks stay in step.
+    """
+
+    def __init__(self, runtime: Runtime, limit: int) -> None:
+        self.runtime, self.limit, self.in_a_row = runtime, limit, 0
+
+    def step_taken(self, step_metrics: dict[str, float], where: str, step: int, epoch: int) -> bool:
+        """Whether the step of `step_metrics` was taken; a skipped one is logged, and its non-finite "grad_norm" left
+        out of the metrics (and so out of the epoch's mean and the checkpoints).
+
+        Raises:
+            NonFiniteLossError: the `limit`-th skipped step in a row, naming the step and the loss terms.
+        """
+        if not step_metrics.get("skipped_step"):
+            self.in_a_row = 0
+            return True
+        grad_norm = step_metrics.pop("grad_norm")
+        self.in_a_row += 1
+        log.warning("skipped %s: the gradient norm is %s (%d in a row)", where, grad_norm, self.in_a_row)
+        if self.runtime.rank == 0:
+            self.runtime.log("skipped_step", step, {"grad_norm": str(grad_norm), "epoch": epoch})
+        if self.in_a_row >= self.limit:
+            log.error("stopping at %s: the gradients are not finite; the last good checkpoint is kept", where)
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(step_metrics.items()) if k != "skipped_step")
+            raise NonFiniteLossError(
+                f"non-finite gradients at {where}: the gradient norm was not finite for {self.in_a_row} "
+                f"consecutive steps (train.max_nonfinite_steps), which were skipped. Loss terms: {terms}; "
+                "check the data, or resume from the last checkpoint with a lower train.lr or clip_max_norm"
+            )
+        return False
 
 
 def dataset_categories(cfg: Config) -> list[dict] | None:
@@ -404,3 +442,17 @@ def checkpoint(cfg: Config, runtime: Runtime, run: Training, metrics: dict[str, 
 def summary(metrics: dict[str, Any]) -> str:
     keys = ("train/loss", "loss_ce", "loss_bbox", "loss_giou", "val/AP", "val/AP50", "val/AP75", "train/step_s")
     return ", ".join(f"{k.removeprefix('train/')} {metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+def epoch_metrics(sums: dict[str, float], steps: int) -> dict[str, float]:
+    """The epoch's "train/<key>" metrics from the sums of its `steps` step metrics: means per step, except
+    "train/skipped_steps" (a count) and "train/grad_norm" (the mean over the steps taken; a skipped step has none)."""
+    skipped = sums.get("skipped_step")
+    metrics = {}
+    for k, v in sums.items():
+        if k != "skipped_step":
+            taken = steps - (skipped or 0.0) if k == "grad_norm" else steps
+            metrics[f"train/{k}"] = v / max(1.0, taken)
+    if skipped is not None:
+        metrics["train/skipped_steps"] = skipped
+    return metrics
