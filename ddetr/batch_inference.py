@@ -1,6 +1,6 @@
 """Batch inference over a shard folder with Ray Data: an actor pool holding one model per actor.
 
-    ddetr predict --checkpoint runs/demo/checkpoint_00000600 --shards data/shards/val --out preds/
+    ddetr predict --checkpoint results/demo/run --shards results/demo/synthetic/shards/val --out preds/
 
 Shards are read by Ray Data's Parquet reader (image bytes and ids only), decoded and detected in `DetectBatch`
 actors (each loads the checkpoint once, on a GPU when the cluster has them), and the detections stream back to
@@ -68,6 +68,8 @@ def predict_shards(
     """Detect objects in every image of a shard folder; write `out/detections.json` and draw the first `draw`.
 
     Args:
+        checkpoint: anything `Detector.from_checkpoint` reads; a run folder is resolved to its checkpoint here, once,
+            so every actor loads the same one.
         max_actors: largest actor pool (default: the GPUs, or the CPUs / `cpus_per_actor`, the cluster can grow
             to, else that it has now).
         use_gpu: one GPU per actor (default: when the cluster has or can add GPUs).
@@ -78,15 +80,16 @@ def predict_shards(
     import ray
     import ray.data
 
+    from ddetr.train.checkpoints import resolve_checkpoint
     from ddetr.train.ray_train import init_local_ray
 
+    checkpoint = io.absolute(resolve_checkpoint(checkpoint))  # before Ray starts: a wrong path is one line
     init_local_ray()
     meta = read_metadata(split_dir)
     uris = shard_uris(split_dir, meta)
     max_actors, use_gpu = pool_size(max_actors, use_gpu, cpus_per_actor)
     out = io.absolute(out)
     io.makedirs(out)
-    checkpoint = io.absolute(checkpoint)
     ds = (
         ray.data.read_parquet(uris)
         .select_columns(["image_id", "image"])

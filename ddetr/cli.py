@@ -13,6 +13,9 @@ ddetr op build                               prebuild the compiled op (cluster s
 ddetr serve --checkpoint PATH [--port 8000]  online detection on Ray Serve: POST /detect, GET /healthz
 ddetr submit train|eval|predict|tune|run ... | --list | --follow JOB | --stop JOB    Ray Jobs on a cluster
 ddetr tune --data DIR --space tune/spaces/default.yaml [--max-concurrent N]          a Ray Tune sweep
+
+A checkpoint PATH (or CHECKPOINT) is a checkpoint folder, an official .pth, a Hugging Face folder, or a run folder
+(train.storage_path/train.name): its best checkpoint by val/AP; RUN_DIR/latest names its newest.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ from pathlib import Path
 from ddetr.config import PRESETS, ConfigError, build_config, split_dirs
 
 log = logging.getLogger("ddetr")
+CHECKPOINT_HELP = (
+    "a ddetr checkpoint folder, an official .pth, a Hugging Face folder, or a run folder (its best checkpoint; "
+    "RUN_DIR/latest: its newest)"
+)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -143,21 +150,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ddetr.train.checkpoints import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint)  # a run folder: its best checkpoint
     if args.format == "onnx":
         from ddetr.deploy.onnx import export_onnx
 
-        path = export_onnx(args.checkpoint, args.out, top_k=args.top_k)
-        print(f"exported {args.checkpoint} as ONNX: {path}" + (f" (top {args.top_k} detections)" if args.top_k else ""))
+        path = export_onnx(checkpoint, args.out, top_k=args.top_k)
+        print(f"exported {checkpoint} as ONNX: {path}" + (f" (top {args.top_k} detections)" if args.top_k else ""))
         return 0
     from ddetr import io
     from ddetr.inference import PREPROCESSOR_FILE, hf_preprocessor_config
     from ddetr.models.weights import export_hf, read_weights
 
-    folder = export_hf(args.checkpoint, args.out)
-    run = read_weights(args.checkpoint).run_config  # the image size it was trained at, for the image processor
+    folder = export_hf(checkpoint, args.out)
+    run = read_weights(checkpoint).run_config  # the image size it was trained at, for the image processor
     scale = run.data.scale if run is not None else 1.0
     io.atomic_write(io.join(str(folder), PREPROCESSOR_FILE), json.dumps(hf_preprocessor_config(scale), indent=2))
-    print(f"exported {args.checkpoint} as a Hugging Face model folder: {folder}")
+    print(f"exported {checkpoint} as a Hugging Face model folder: {folder}")
     return 0
 
 
@@ -190,19 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a JSON config file (Config.to_json()); replaces --preset")
     p.add_argument("--data", help="folder with train/ and val/ shards (or DIR/shards/...)")
     p.add_argument("--engine", default="ray", choices=["ray", "local"], help="Ray Train, or this process alone")
-    p.add_argument("--resume", help="checkpoint folder to start from")
+    p.add_argument("--resume", help="checkpoint folder to start from (a run folder: its latest checkpoint)")
     p.add_argument("overrides", **overrides)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="COCO metrics of a checkpoint on a validation split")
-    p.add_argument("--checkpoint", required=True, help="a ddetr checkpoint folder or an official .pth")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="detect objects in images: detections.json and drawn PNGs")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=float, default=0.5, help="lowest score drawn")
     p.add_argument("--device", default=None, help="image files only; shards use a GPU per actor when there are any")
@@ -258,12 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="onnx: also output the top-k detections (scores, labels, boxes in pixels of orig_sizes)",
     )
-    p.add_argument("checkpoint", help="a ddetr checkpoint folder, an official .pth or a Hugging Face folder")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("out", help="the folder (hf) or the .onnx file to write")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="online detection on Ray Serve (RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--checkpoint", required=True, help="a ddetr checkpoint folder, an official .pth or an HF folder")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--host", help="where the HTTP proxy listens (default 127.0.0.1; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, help="default 8000")
     p.add_argument("--max-batch-size", type=int, help="images per forward pass (default 8)")

@@ -1,7 +1,9 @@
 """The main job on an embedded default: synthetic COCO shards, a local Ray, the `tiny` preset on 2 CPU workers.
 
-It writes a results folder: `metrics.json` (the last epoch's metrics), `curves.png` (loss and AP), and
-`predictions/` (validation images with the detections drawn over the true boxes).
+It writes a results folder: `metrics.json` (the last epoch's metrics), `curves.png` (loss and AP),
+`predictions/` (validation images with the detections drawn over the true boxes), and `run`, a pointer to the run
+folder under `runs/` that every command taking a checkpoint reads: `ddetr predict --checkpoint results/demo/run`
+(its best checkpoint), `results/demo/run/latest` (its newest).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ DEMO_TRAIN_IMAGES = 800
 DEMO_VAL_IMAGES = 200
 DEMO_SEED = 0
 DEMO_EPOCHS = 3  # 200 steps of 4 images each
+RUN_POINTER = "run"  # results/demo/run: names the newest demo run (see ddetr.train.checkpoints.point_to_run)
 # The backbone starts from random weights (nothing is downloaded): it normalizes with group norm, which trains from
 # scratch at 2 images per worker (frozen batch norm at random init is the identity), and it learns at the full rate,
 # not the 0.1x meant for an ImageNet-pretrained one. Two-stage with box refinement: its queries start at the
@@ -81,12 +84,15 @@ def demo_config(out: Path, data_root: Path, epochs: int, overrides: list[str]) -
 def run_demo(out: Path, epochs: int = DEMO_EPOCHS, overrides: list[str] | None = None) -> dict:
     """Train the demo and write its results folder; returns the final metrics."""
     from ddetr.train import train
-    from ddetr.train.checkpoints import run_dir
+    from ddetr.train.checkpoints import point_to_run, run_dir
 
     out.mkdir(parents=True, exist_ok=True)
     data_root = Path(os.environ.get("DDETR_DEMO_DATA", out / "synthetic"))
     ensure_synthetic(data_root)
     cfg = demo_config(out, data_root, epochs, overrides or [])
+    # Each demo trains a run of its own (a new name); the pointer names the newest, so commands and the README's
+    # examples read one fixed path. Written first: the run's checkpoints can be used while it trains.
+    point_to_run(out / RUN_POINTER, run_dir(cfg.train.storage_path, cfg.train.name))
     log.info("training the tiny preset for %d epochs on %d Ray workers", cfg.train.epochs, cfg.train.num_workers)
     started = time.time()
     metrics = train(cfg, engine="ray")
@@ -99,17 +105,17 @@ def write_results(out: Path, cfg: Config, run: Path, metrics: dict) -> None:
     """metrics.json, curves.png and predictions/ drawn with the best checkpoint of the run."""
     from ddetr.data.shards import read_shard, shard_uris
     from ddetr.inference import Detector, draw_detections
-    from ddetr.train.checkpoints import checkpoint_score, list_checkpoints
+    from ddetr.train.checkpoints import find_checkpoint
     from ddetr.train.logbook import plot_curves
 
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     io.atomic_write(out / "metrics.json", json.dumps(numbers, indent=2, sort_keys=True))
     plot_curves(run, out / "curves.png")
-    checkpoints = list_checkpoints(run)
-    if not checkpoints:
+    found = find_checkpoint(str(run))  # the checkpoint `ddetr predict --checkpoint results/demo/run` reads
+    if found is None:
         log.warning("no checkpoint in %s: no predictions drawn", run)
         return
-    best = max(checkpoints, key=checkpoint_score)
+    best = Path(found)
     detector = Detector.from_checkpoint(best)
     meta = read_metadata(cfg.data.val)
     names = {c["id"]: c["name"] for c in meta.categories}
@@ -124,5 +130,6 @@ def write_results(out: Path, cfg: Config, run: Path, metrics: dict) -> None:
         draw_detections(image, det, pictures / f"{row['image_id']}.png", names=names, truth=truth, threshold=0.3)
     print(
         f"\nresults in {out}: metrics.json (AP50 {numbers.get('val/AP50', float('nan')):.3f}, "
-        f"AP {numbers.get('val/AP', float('nan')):.3f}), curves.png, predictions/ (best checkpoint {best.name})"
+        f"AP {numbers.get('val/AP', float('nan')):.3f}), curves.png, predictions/ (best checkpoint {best.name}); "
+        f"`--checkpoint {out / RUN_POINTER}` reads that checkpoint, `{out / RUN_POINTER / 'latest'}` the newest"
     )

@@ -1,6 +1,6 @@
 """Inference: load a detector from a ddetr or an official checkpoint, detect objects in images, draw them.
 
-detector = Detector.from_checkpoint("runs/demo/checkpoint_00000400")
+detector = Detector.from_checkpoint("results/demo/run")    # the demo's run: its best checkpoint; run/latest: newest
 detections = detector.predict_files(["a.jpg", "b.jpg"])      # {path: {"scores", "labels", "boxes"}}
 draw_detections("a.jpg", detections["a.jpg"], "a.png", names={1: "rectangle"})
 """
@@ -25,6 +25,7 @@ from ddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformConfig, 
 from ddetr.models import build_detector
 from ddetr.models.deformable_detr import DeformableDETR, PostProcess
 from ddetr.models.weights import read_weights
+from ddetr.train.checkpoints import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,11 @@ class Detector:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> Detector:
-        """A ddetr checkpoint (folder or state.pt; its EMA when it has one), an official `.pth` (model + args) or
-        a Hugging Face model folder. Nothing else is fetched: the backbone's ImageNet weights are not needed."""
+        """A ddetr checkpoint (folder or state.pt; its EMA when it has one), an official `.pth` (model + args), a
+        Hugging Face model folder, or a run folder: its best checkpoint (`RUN_DIR/latest`: its newest; see
+        `ddetr.train.checkpoints.resolve_checkpoint`). Nothing else is fetched: the backbone's ImageNet weights are
+        not needed."""
+        path = resolve_checkpoint(path)
         source = read_weights(path)
         if source.config is None:
             raise ConfigError(f"{path} has no run arguments, so its variant is unknown")

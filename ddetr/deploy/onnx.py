@@ -1,6 +1,6 @@
 """ONNX export of a detector, every variant, with dynamic batch and image size and optional post-processing.
 
-    export_onnx("runs/demo/checkpoint_00000400", "detector.onnx", top_k=100)   # ddetr export --format onnx
+    export_onnx("results/demo/run", "detector.onnx", top_k=100)   # ddetr export --format onnx
 
 The graph takes what the model takes: "images" (B, 3, H, W) float32, a padded batch normalised with the ImageNet
 mean and std, and "mask" (B, H, W) bool, True at padding; B, H and W are free. It returns "pred_logits" (B, Q, K)

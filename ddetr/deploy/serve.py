@@ -1,7 +1,8 @@
 """Online detection on Ray Serve: a checkpoint behind `POST /detect`, with dynamic batching and autoscaled replicas.
 
-    ddetr serve --checkpoint runs/demo/checkpoint_00000600 --port 8000
-    curl --data-binary @a.jpg -H "Content-Type: image/jpeg" "http://127.0.0.1:8000/detect?threshold=0.5"
+    ddetr serve --checkpoint results/demo/run --port 8000      # a run folder serves its best checkpoint
+    curl --data-binary @results/demo/synthetic/images/val/00000001.jpg -H "Content-Type: image/jpeg" \
+        "http://127.0.0.1:8000/detect?threshold=0.5"
 
 Requests (each handled by one `DetectorServer` replica):
   * `POST /detect` with `Content-Type: image/jpeg` or `image/png` and the image's bytes: one result;
@@ -303,8 +304,22 @@ def replicas_use_gpu(settings: ServeSettings) -> bool:
     return (cluster_maxima() or ray.cluster_resources()).get("GPU", 0) > 0
 
 
+def resolved(settings: ServeSettings) -> ServeSettings:
+    """`settings` with its checkpoint resolved once, for every replica to load the same one: a run folder (or
+    `RUN_DIR/latest`) becomes its checkpoint's absolute path (`ddetr.train.checkpoints.resolve_checkpoint`).
+
+    Raises:
+        FileNotFoundError: no checkpoint there, naming the path.
+    """
+    from ddetr import io
+    from ddetr.train.checkpoints import resolve_checkpoint
+
+    return dataclasses.replace(settings, checkpoint=io.absolute(resolve_checkpoint(settings.checkpoint)))
+
+
 def build_app(settings: ServeSettings) -> serve.Application:
-    """The Serve application of `settings` (on the Ray this process is connected to)."""
+    """The Serve application of `settings` (on the Ray this process is connected to); its checkpoint as given
+    (`resolved` turns a run folder into one)."""
     use_gpu = replicas_use_gpu(settings)
     target = settings.target_ongoing_requests or settings.max_batch_size
     deployment = DetectorServer.options(
@@ -324,7 +339,7 @@ def build_app(settings: ServeSettings) -> serve.Application:
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """Serve's application builder: `import_path: ddetr.deploy.serve:app_builder` with `args` (ServeSettings'
     fields; host and port are the cluster's HTTP options there)."""
-    return build_app(ServeSettings.from_args(args))
+    return build_app(resolved(ServeSettings.from_args(args)))
 
 
 def deploy(settings: ServeSettings) -> bool:
@@ -333,11 +348,9 @@ def deploy(settings: ServeSettings) -> bool:
     Connects to $RAY_ADDRESS when set, else starts a local Ray. Returns True when this call started that local Ray
     (the application ends with this process).
     """
-    from ddetr import io
     from ddetr.train.ray_train import init_local_ray
 
-    if not io.is_uri(settings.checkpoint) and not io.exists(settings.checkpoint):
-        raise FileNotFoundError(2, "no such checkpoint", settings.checkpoint)
+    settings = resolved(settings)  # before Ray starts: a wrong path is one line; every replica loads the same one
     started = init_local_ray()
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_app(settings), name=settings.name, route_prefix="/")
@@ -347,6 +360,7 @@ def deploy(settings: ServeSettings) -> bool:
 
 def run(settings: ServeSettings) -> None:
     """`ddetr serve`: deploy; on a local Ray, serve until Ctrl-C and then shut it down."""
+    settings = resolved(settings)
     local = deploy(settings)
     print(f"serving {settings.checkpoint} at {settings.url}/detect (health: {settings.url}/healthz)", flush=True)
     if not local:

@@ -46,6 +46,7 @@ ARCHITECTURE_FIELDS = (
     "num_queries",
     "with_box_refine",
     "two_stage",
+    "backbone_norm",  # frozen batch norm holds buffers where group norm holds parameters
 )
 # The 80 COCO categories by id (ids 0, 12, 26, 29, 30, 45, 66, 68, 69, 71 and 83 are unused): the rows of the
 # official COCO checkpoints' 91 logits.
@@ -122,11 +123,15 @@ def read_weights(source: str | os.PathLike) -> WeightsSource:
     return WeightsSource(os.fspath(path), "official", payload.get("model", payload), m, names)
 
 
+def architecture_differences(source: ModelConfig, target: ModelConfig) -> list[str]:
+    """The ARCHITECTURE_FIELDS on which two model configs differ (weights of one do not fit the other's model)."""
+    return [f for f in ARCHITECTURE_FIELDS if getattr(source, f) != getattr(target, f)]
+
+
 def _architecture_differences(source: ModelConfig, target: ModelConfig) -> list[str]:
     return [
         f"model.{f}: checkpoint {getattr(source, f)!r}, config {getattr(target, f)!r}"
-        for f in ARCHITECTURE_FIELDS
-        if getattr(source, f) != getattr(target, f)
+        for f in architecture_differences(source, target)
     ]
 
 

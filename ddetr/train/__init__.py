@@ -28,15 +28,20 @@ def train(cfg: Config, engine: str = "ray", resume: str | None = None) -> dict[s
     Args:
         engine: "ray" (a TorchTrainer with `train.num_workers` workers on the running or a new local Ray) or
             "local" (this process, one device).
-        resume: a checkpoint folder to start from. Without it, a run whose storage path and name already hold
-            checkpoints continues from the latest one.
+        resume: a checkpoint folder to start from (a run folder: its latest checkpoint). Without it, a run whose
+            storage path and name already hold checkpoints continues from the latest one.
+
+    Raises:
+        ConfigError, FileNotFoundError: a mistake in the config or in the paths it names, found here before any
+            worker starts (`ddetr.train.preflight`).
     """
     from ddetr.config import named
-    from ddetr.train.checkpoints import check_continuation
+    from ddetr.train.preflight import preflight
 
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
     cfg = named(cfg)
-    if resume is None:
-        check_continuation(cfg)
+    resume = preflight(cfg, resume)
     if engine == "local":
         from ddetr.train.local import LocalRuntime
         from ddetr.train.loop import fit

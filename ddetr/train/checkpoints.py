@@ -7,8 +7,15 @@ A run folder (`train.storage_path / train.name`) holds `checkpoint_<step>` folde
     config.json         the run's Config, readable without loading the state
     manifest.json       size and sha256 of state.pt: a copy cut short (a node lost mid-write) is detected
 
+and two pointers, small JSON files written atomically after each checkpoint (`update_pointers`):
+
+    latest              {"checkpoint": "checkpoint_00000600", "step": 600, "val/AP": 0.41}: the newest checkpoint
+    best                the same for the checkpoint of the highest val/AP (pruning never deletes it)
+
 The single-process runtime writes these folders itself (a temporary name, renamed into place); under Ray Train,
 `ray.train.report` uploads the same folder under the same name, so either run folder reads the same way.
+Every command that takes a checkpoint takes a run folder too (`resolve_checkpoint`): its best checkpoint, or its
+latest as `RUN_DIR/latest`.
 """
 
 from __future__ import annotations
@@ -165,11 +172,11 @@ def fetch_checkpoint(path: str | os.PathLike, into: str | os.PathLike) -> Path:
 
 
 def checkpoint_score(directory: str | os.PathLike) -> float:
-    """Validation AP recorded beside a checkpoint, or -1 when it was not evaluated."""
-    path = Path(directory) / CHECKPOINT_METRICS_FILE
-    if not path.exists():
+    """Validation AP recorded beside a checkpoint (a local folder or a URI), or -1 when it was not evaluated."""
+    path = io.join(str(directory), CHECKPOINT_METRICS_FILE)
+    if not io.exists(path):
         return -1.0
-    return float(json.loads(path.read_text()).get("val/AP", -1.0))
+    return _score(json.loads(io.read_text(path)).get("val/AP"))
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
@@ -199,19 +206,26 @@ def latest_intact(directory: str | os.PathLike) -> Path | None:
     return None
 
 
-def check_continuation(cfg: Config) -> None:
+def check_continuation(cfg: Config) -> str | None:
     """Refuse to continue a run folder whose checkpoints hold another model (a reused `train.name`).
+
+    The run folder may be local or in object storage: its latest checkpoint's `config.json` is read either way.
+
+    Returns:
+        the checkpoint the run continues from, or None when the run folder holds none (a fresh run).
 
     Raises:
         ConfigError: naming the folder and every differing model key.
     """
     run = run_dir(cfg.train.storage_path, cfg.train.name)
     if io.is_uri(run):
-        return
-    latest = latest_intact(run)
-    if latest is None or not (latest / CONFIG_FILE).exists():
-        return
-    saved = Config.from_dict(json.loads((latest / CONFIG_FILE).read_text())).model
+        latest = find_checkpoint(run, LATEST)
+    else:
+        intact = latest_intact(run)  # what the single-process runtime resumes from
+        latest = str(intact) if intact is not None else None
+    if latest is None or not io.exists(io.join(latest, CONFIG_FILE)):
+        return latest
+    saved = Config.from_dict(json.loads(io.read_text(io.join(latest, CONFIG_FILE)))).model
     differing = [
         f"model.{f.name} {getattr(saved, f.name)!r} -> {getattr(cfg.model, f.name)!r}"
         for f in dataclasses.fields(saved)
@@ -222,3 +236,173 @@ def check_continuation(cfg: Config) -> None:
             f"run {run} holds checkpoints of another model ({', '.join(differing)}): choose another train.name "
             "(the default is a new one each time), or --resume one of its checkpoints to start a new run from it"
         )
+    return latest
+
+
+# ---- checkpoints by name: the best and latest pointers of a run folder -------------------------------------------
+
+BEST, LATEST = "best", "latest"
+POINTERS = (BEST, LATEST)
+RUN_POINTER = "run"  # a file naming a run folder, e.g. the demo's results/demo/run
+HF_WEIGHTS_FILE = "model.safetensors"  # a Hugging Face model folder's weights (see ddetr.models.hf)
+
+
+def _score(value: Any) -> float:
+    """A val/AP as a float; -1 (not evaluated) when missing or not finite."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return -1.0
+    return value if math.isfinite(value) else -1.0
+
+
+def _beats(score: float, current: float) -> bool:
+    """Whether a newer checkpoint of val/AP `score` replaces the current best of val/AP `current`.
+
+    A tie keeps the older one (a mid-epoch checkpoint carries the AP of the evaluation before it), except when
+    neither was evaluated: then the newer, so a run without validation data points `best` at its newest.
+    """
+    return score > current or (score < 0 and current < 0)
+
+
+def _has_state(checkpoint: str) -> bool:
+    return io.exists(io.join(checkpoint, STATE_FILE))
+
+
+def read_pointer(path: str) -> dict[str, Any] | None:
+    """A pointer file's JSON (keys "checkpoint", "step", "val/AP"; or "run"), or None when absent or unreadable."""
+    try:
+        pointer = json.loads(io.read_text(path))
+    except (OSError, ValueError):  # missing, or cut short by a writer on a file system without atomic renames
+        return None
+    return pointer if isinstance(pointer, dict) else None
+
+
+def update_pointers(run_dir: str, checkpoint: str, metrics: dict[str, Any]) -> None:
+    """Point `run_dir/latest` at a checkpoint just written into the run folder, and `run_dir/best` too when its
+    val/AP beats the current best's (see `_beats`). Without a best pointer, or when its checkpoint is gone, `best`
+    is found again among the run's checkpoints, this one included (see `find_checkpoint`).
+
+    Call it on one process (rank 0) once the checkpoint folder is complete in the run folder (renamed into place,
+    or uploaded). Each pointer is written atomically, so a reader sees the old pointer or the new one.
+
+    Args:
+        run_dir: the run folder (`run_dir(storage_path, name)`): a local path or a URI.
+        checkpoint: the checkpoint folder's name in it (`checkpoint_00000600`), or its path.
+        metrics: the checkpoint's metrics; "step" and "val/AP" are recorded in the pointers.
+    """
+    name = posixpath.basename(str(checkpoint).rstrip("/"))
+    entry = {"checkpoint": name, "step": int(metrics.get("step", 0)), "val/AP": _score(metrics.get("val/AP"))}
+    io.atomic_write(io.join(run_dir, LATEST), json.dumps(entry))
+    best = read_pointer(io.join(run_dir, BEST)) or {}
+    current = str(best.get("checkpoint", ""))
+    if current == name or current and _has_state(io.join(run_dir, current)):
+        # The same checkpoint written again records its new metrics; another one must beat it.
+        if current == name or _beats(entry["val/AP"], _score(best.get("val/AP"))):
+            io.atomic_write(io.join(run_dir, BEST), json.dumps(entry))
+        return
+    found = _scan(run_dir, BEST)
+    if found is not None:
+        found_name = posixpath.basename(found)
+        step = int(found_name.removeprefix(CHECKPOINT_PREFIX))
+        io.atomic_write(io.join(run_dir, BEST), json.dumps({"checkpoint": found_name, "step": step,
+                                                            "val/AP": checkpoint_score(found)}))  # fmt: skip
+
+
+def pointer_target(run_dir: str, which: str) -> str | None:
+    """The checkpoint folder a run folder's `best` or `latest` pointer names, or None (no pointer)."""
+    pointer = read_pointer(io.join(run_dir, which))
+    return io.join(run_dir, pointer["checkpoint"]) if pointer and pointer.get("checkpoint") else None
+
+
+def find_checkpoint(run_dir: str, which: str = BEST) -> str | None:
+    """A run folder's best or latest checkpoint (local path or URI), or None when it holds none.
+
+    Through its pointer when the pointer's checkpoint is there; else (no pointer yet, a run from before pointers,
+    a checkpoint pruned under it) by scanning its `checkpoint_*` folders (`_scan`).
+    """
+    if which not in POINTERS:
+        raise ValueError(f"which must be one of {POINTERS}, got {which!r}")
+    target = pointer_target(run_dir, which)
+    if target is not None and _has_state(target):
+        return target
+    found = _scan(run_dir, which)
+    if target is not None and found is not None:
+        log.warning("%s: the %s pointer names %s, which is gone; using %s", run_dir, which,
+                    posixpath.basename(target), posixpath.basename(found))  # fmt: skip
+    return found
+
+
+def _scan(run_dir: str, which: str) -> str | None:
+    """The newest of a run folder's checkpoints, or the best by the val/AP of each `metrics.json` (taken oldest
+    first, each replacing the best so far when it `_beats` it, as `update_pointers` does); None without any."""
+    names = [n for n in io.listdir(run_dir) if _CHECKPOINT_NAME.fullmatch(n) and _has_state(io.join(run_dir, n))]
+    if not names:
+        return None
+    if which == LATEST:
+        return io.join(run_dir, names[-1])
+    best, best_score = names[0], checkpoint_score(io.join(run_dir, names[0]))
+    for name in names[1:]:
+        score = checkpoint_score(io.join(run_dir, name))
+        if _beats(score, best_score):
+            best, best_score = name, score
+    return io.join(run_dir, best)
+
+
+def resolve_checkpoint(path: str | os.PathLike, which: str = BEST) -> str:
+    """The checkpoint that `path` names, for every command that takes one (eval, predict, export, serve).
+
+    `path` (a local path or a URI) may be
+        a checkpoint: a ddetr checkpoint folder or state file, an official `.pth`, a Hugging Face model folder:
+            returned as it is;
+        a run folder: its `which` checkpoint ("best" or "latest", see `find_checkpoint`);
+        a pointer file `RUN_DIR/best` or `RUN_DIR/latest` (also when not written yet): that checkpoint of the run;
+        a `run` pointer file (`{"run": "runs/demo-..."}`, the demo's `results/demo/run`): that run's checkpoint.
+
+    Raises:
+        FileNotFoundError: nothing at `path`, or a run folder without a checkpoint; one line naming the path.
+    """
+    path = str(path)
+    name = posixpath.basename(path.rstrip("/"))
+    parent = posixpath.dirname(path.rstrip("/")) if io.is_uri(path) else os.path.dirname(path.rstrip("/"))
+    if io.is_dir(path):
+        if _has_state(path) or io.exists(io.join(path, HF_WEIGHTS_FILE)):
+            return path
+        found = find_checkpoint(path, which)
+        if found is None:
+            raise FileNotFoundError(
+                f"{path} holds no checkpoint: expected a checkpoint folder ({STATE_FILE}), a Hugging Face folder "
+                f"({HF_WEIGHTS_FILE}) or a run folder with {CHECKPOINT_PREFIX}* folders; train into it first"
+            )
+        log.info("%s: its %s checkpoint is %s", path, which, posixpath.basename(found))
+        return found
+    if not io.exists(path):
+        if name in POINTERS and parent and io.exists(parent):  # RUN_DIR/latest before any pointer was written
+            return resolve_checkpoint(parent, name)
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    if name in POINTERS and parent:
+        return resolve_checkpoint(parent, name)
+    if name == RUN_POINTER:
+        return resolve_checkpoint(_followed_run(path), which)
+    return path
+
+
+def point_to_run(pointer: str | os.PathLike, run: str | os.PathLike) -> None:
+    """Write a `run` pointer file naming the run folder `run` (relative to the pointer's folder when inside it)."""
+    pointer, run = str(pointer), str(run)
+    if not io.is_uri(run) and not io.is_uri(pointer):
+        folder = os.path.dirname(os.path.abspath(pointer))
+        relative = os.path.relpath(os.path.abspath(run), folder)
+        run = relative if not relative.startswith("..") else os.path.abspath(run)
+    io.atomic_write(pointer, json.dumps({"run": run}))
+
+
+def _followed_run(pointer: str) -> str:
+    """The run folder a `run` pointer file names (a relative name is relative to the pointer's folder)."""
+    content = read_pointer(pointer)
+    if not content or not content.get("run"):
+        raise FileNotFoundError(f'{pointer} is not a run pointer: expected JSON {{"run": "<run folder>"}}')
+    run = str(content["run"])
+    if io.is_uri(run) or os.path.isabs(run):
+        return run
+    return io.join(posixpath.dirname(pointer) if io.is_uri(pointer) else os.path.dirname(pointer), run)

@@ -22,12 +22,15 @@ from ddetr.data.coco_eval import CocoEvaluator
 from ddetr.data.loader import build_dataloader
 from ddetr.data.transforms import TransformConfig
 from ddetr.train.checkpoints import (
+    BEST,
     checkpoint_name,
     checkpoint_score,
     fetch_checkpoint,
     latest_intact,
     list_checkpoints,
+    pointer_target,
     run_dir,
+    update_pointers,
 )
 from ddetr.train.logbook import Logbook
 
@@ -37,8 +40,9 @@ log = logging.getLogger(__name__)
 class LocalRuntime:
     """`fit`'s runtime for one process on one device.
 
-    Checkpoints go to `run_dir/checkpoint_<step>`: written in a temporary folder and renamed into place; the best
-    `keep_checkpoints` by validation AP and the latest are kept. A run restarted with the same storage path and
+    Checkpoints go to `run_dir/checkpoint_<step>`: written in a temporary folder and renamed into place, then the
+    run's `best` and `latest` pointers are updated; the best `keep_checkpoints` by validation AP, the latest and the
+    one `best` names are kept. A run restarted with the same storage path and
     name continues from its latest intact checkpoint; `resume` names another checkpoint to start from instead.
     """
 
@@ -105,13 +109,15 @@ class LocalRuntime:
         shutil.copytree(checkpoint_dir, tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        update_pointers(str(self.dir), final.name, metrics)
         self._prune()
 
     def _prune(self) -> None:
         checkpoints = list_checkpoints(self.dir)
         latest = checkpoints[-1] if checkpoints else None
         ranked = sorted(checkpoints, key=lambda p: (checkpoint_score(p), p.name), reverse=True)
-        keep = set(ranked[: self.cfg.train.keep_checkpoints]) | {latest}
+        best = pointer_target(str(self.dir), BEST)  # what `ddetr eval/predict/serve RUN_DIR` load: never pruned
+        keep = set(ranked[: self.cfg.train.keep_checkpoints]) | {latest} | ({Path(best)} if best else set())
         for p in checkpoints:
             if p not in keep:
                 shutil.rmtree(p, ignore_errors=True)

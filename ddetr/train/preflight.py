@@ -1,0 +1,142 @@
+"""Checks on the driver before any worker starts: a mistake in what a run reads is one line, not a retried crash.
+
+`train()` runs `preflight` for both engines before it starts Ray. Inside a Ray worker the same mistake would be
+raised by every rank, retried `train.max_failures` times and end in a Ray traceback; here it is a ConfigError or a
+FileNotFoundError, which the command line prints as `error: <one line>` with exit status 2. Each check reads only
+what the run would read first: the data's metadata and shard footers, a checkpoint's `config.json` and manifest,
+the `model.init_from` weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ddetr import io
+from ddetr.config import Config, ConfigError, ModelConfig
+from ddetr.train.checkpoints import (
+    CONFIG_FILE,
+    LATEST,
+    STATE_FILE,
+    check_continuation,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
+
+
+def preflight(cfg: Config, resume: str | None = None) -> str | None:
+    """Check the data, `resume`, a reused run name, and for a fresh run `model.init_from` and
+    `model.pretrained_backbone`.
+
+    Returns:
+        the checkpoint folder `resume` names (a run folder: its latest checkpoint), or None without `resume`.
+
+    Raises:
+        ConfigError, FileNotFoundError, CorruptCheckpointError, DataError: one line naming the setting and the path.
+    """
+    check_data(cfg)
+    if resume is not None:
+        return check_resume(cfg, resume)
+    if check_continuation(cfg) is None:  # a fresh run starts from these weights; a continued one from its own
+        check_init_from(cfg)
+        check_pretrained_backbone(cfg)
+    return None
+
+
+def check_data(cfg: Config) -> None:
+    """The training split (required) and the validation split (if any) open: metadata and every shard's footer."""
+    from ddetr.data.shards import open_split
+
+    if not cfg.data.train:
+        raise ConfigError("no training data: give --data DIR (a folder with train/ shards) or data.train=SHARD_FOLDER")
+    for key, split in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+        if not split:
+            continue
+        if not io.exists(split):
+            raise FileNotFoundError(
+                f"{key}={split}: no such folder; give a shard folder written by `ddetr data convert` or `ddetr data "
+                "synth`"
+            )
+        # A bad shard is named now, not by a worker mid-epoch.
+        open_split(split, skip_unreadable=cfg.data.skip_unreadable_shards)
+
+
+def check_resume(cfg: Config, resume: str) -> str:
+    """The ddetr checkpoint `resume` names: there, complete (local: its manifest), and of this config's model.
+
+    A run folder names its latest checkpoint. Returns the checkpoint's folder or state file.
+    """
+    try:
+        checkpoint = resolve_checkpoint(resume, LATEST)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--resume: {err}") from None
+    folder = checkpoint if io.is_dir(checkpoint) else None
+    if folder is not None and not io.exists(io.join(folder, STATE_FILE)):
+        raise ConfigError(
+            f"--resume {resume}: not a ddetr checkpoint folder (no {STATE_FILE}); to start from other weights, "
+            "give them as model.init_from instead"
+        )
+    if folder is not None and not io.is_uri(folder):
+        verify_checkpoint(folder)  # a copy cut short is found here, not by every worker
+    if folder is not None and io.exists(io.join(folder, CONFIG_FILE)):
+        from ddetr.models.weights import architecture_differences
+
+        saved = Config.from_dict(json.loads(io.read_text(io.join(folder, CONFIG_FILE)))).model
+        differing = architecture_differences(saved, cfg.model) + [
+            f for f in ("num_classes",) if getattr(saved, f) != getattr(cfg.model, f)
+        ]
+        if differing:
+            raise ConfigError(
+                f"--resume {resume} holds a {_settings(saved, differing)} model; this config has "
+                f"{_settings(cfg.model, differing)}: set these to resume it, or fine-tune from it with "
+                "model.init_from instead"
+            )
+    return checkpoint
+
+
+def check_init_from(cfg: Config) -> None:
+    """`model.init_from` reads (official .pth, ddetr checkpoint or Hugging Face folder) and is this variant."""
+    source = cfg.model.init_from
+    if not source:
+        return
+    from ddetr.models.weights import architecture_differences, read_weights
+
+    if not io.exists(source):
+        raise FileNotFoundError(f"model.init_from={source}: no such file or folder")
+    try:
+        weights = read_weights(source)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"model.init_from={source}: {' '.join(str(err).split())}") from None
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as err:  # torch reports a cut file as a RuntimeError
+        raise ConfigError(f"model.init_from={source} cannot be read: {' '.join(str(err).split())}") from None
+    if weights.config is None:  # an official file without its run's args: the variant is not known to compare
+        return
+    differing = architecture_differences(weights.config, cfg.model)
+    if differing:
+        raise ConfigError(
+            f"model.init_from={source} is a {_settings(weights.config, differing)} model; this config has "
+            f"{_settings(cfg.model, differing)}: set these (or pick the matching --preset), or choose another "
+            "checkpoint"
+        )
+
+
+def check_pretrained_backbone(cfg: Config) -> None:
+    """A `model.pretrained_backbone` that names a local file names one that exists ("imagenet" and URLs are
+    fetched by the workers; with `model.init_from` the backbone's weights come from there)."""
+    from ddetr.models.backbone import has_pretrained_weights
+
+    source = (cfg.model.pretrained_backbone or "").strip()
+    if cfg.model.init_from or not has_pretrained_weights(source) or source.lower() == "imagenet":
+        return
+    if source.startswith(("http://", "https://")):
+        return
+    if not os.path.isfile(source):
+        raise FileNotFoundError(
+            f"model.pretrained_backbone={source}: no such file; give a torchvision {cfg.model.backbone} .pth file on "
+            "this machine, 'imagenet' (downloaded once), a URL, or 'none' for random weights"
+        )
+
+
+def _settings(model: ModelConfig, fields: list[str]) -> str:
+    """`two_stage=True, d_model=256`: the given fields of a model config."""
+    return ", ".join(f"{f}={getattr(model, f)}" for f in fields)
