@@ -175,10 +175,12 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # cut epochs short (smoke tests); 0: whole epochs
     log_every: int = 10  # optimizer steps between console progress lines
     # Ray Train
-    num_workers: int = 2
+    # Workers; -1: one per GPU when the cluster has or can add GPUs (at most 8), else 2 CPU workers. 0: the loop runs
+    # in the driver process (debugging). Decided from what the cluster can become (ddetr/train/resources.py).
+    num_workers: int = -1
     min_workers: int = 0  # > 0: elastic, starts with at least min_workers and grows to num_workers
     elastic_resize_interval_s: float = 60.0  # elastic: how often Ray checks whether more workers fit now
-    use_gpu: str = "auto"  # "auto": a GPU per worker when the cluster has GPUs; "true" / "false" force it
+    use_gpu: str = "auto"  # "auto": a GPU per worker when the cluster has or can add GPUs; "true" / "false" force it
     # CPUs each worker holds; 0: derived from the cluster (1 with GPUs; on CPUs, what is left after one decode task
     # of data.map_cpus per worker, split between the workers).
     cpus_per_worker: float = 0.0
@@ -209,6 +211,8 @@ class TrainConfig:
             raise ConfigError(f"train.use_gpu must be auto, true or false, got {self.use_gpu!r}")
         if self.checkpoint_upload not in ("auto", "sync", "async"):
             raise ConfigError(f"train.checkpoint_upload must be auto, sync or async, got {self.checkpoint_upload!r}")
+        if self.num_workers < -1:
+            raise ConfigError(f"train.num_workers must be -1 (auto), 0 (in the driver) or more, got {self.num_workers}")
         if self.cpus_per_worker < 0:
             raise ConfigError(
                 f"train.cpus_per_worker must be >= 0 (0: derived from the cluster), got {self.cpus_per_worker}"

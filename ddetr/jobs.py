@@ -304,10 +304,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=50")
     p = submitting("eval", "evaluate a checkpoint: ddetr eval --checkpoint ... --data ...", gpus=1)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or URI")
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint or a run folder (its best; RUN/latest), path or URI"
+    )
     p.add_argument("--data", required=True, help="dataset directory or URI of COCO shards")
     p = submitting("predict", "batch inference: ddetr predict --checkpoint ... --shards ... --out ...", gpus=1)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or URI")
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint or a run folder (its best; RUN/latest), path or URI"
+    )
     p.add_argument("--shards", required=True, help="shard folder or URI to detect objects in")
     p.add_argument("--out", required=True, help="output folder or URI (on the cluster)")
     p.add_argument("--actors", type=int, default=None, help="largest actor pool (default: from the node types)")

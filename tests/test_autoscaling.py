@@ -245,3 +245,76 @@ def test_batch_inference_pool_sized_by_the_node_types(
     assert "with up to 4 CPU actors" in logs, logs[-3000:]
     assert "8 images," in logs  # the whole val split, detected
     assert isinstance(json.loads((tmp_path / "preds" / "detections.json").read_text()), list)
+
+
+GPU_NODE = {"resources": {"CPU": 2, "GPU": 1, "object_store_memory": 150 * 1024 * 1024}, "max_workers": 2}
+ONE_CPU_NODE = {"resources": {"CPU": 1, "object_store_memory": 150 * 1024 * 1024}, "max_workers": 2}
+DEFAULTS = ["data.scale=0.2", "data.loader_workers=0", "train.log_every=1"]  # every resource setting at its default
+
+
+@pytest.fixture
+def gpu_cluster(hard_timeout) -> Iterator[FakeCluster]:
+    """GPU node types (the fake provider declares GPUs on nodes that have none: torch here is a CPU build)."""
+    env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]), "PYTHONPATH": ""}
+    c = FakeCluster({"gpu": GPU_NODE}, idle_timeout_s=10, env=env)
+    try:
+        with hard_timeout(120):
+            c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def test_gpu_node_types_get_gpu_workers_and_a_torch_without_cuda_is_refused(
+    gpu_cluster: FakeCluster, synth_data: Path, tmp_path: Path, hard_timeout, capsys: pytest.CaptureFixture
+) -> None:
+    """No node up, GPU node types: a default `ddetr submit train` and a `ddetr tune` trial ask for GPU workers (not
+    the CPUs of the GPU nodes), and end in one line because this torch sees no CUDA device there."""
+    from ddetr.cli import main
+
+    refusal = "a training worker was given a GPU, but torch sees no CUDA device"
+    with hard_timeout(300):
+        argv = ["--address", gpu_cluster.address, "train", "--preset", "tiny", "--data", str(synth_data), "--follow",
+                *DEFAULTS, "train.epochs=1", f"train.storage_path={tmp_path}", "train.name=gpu"]  # fmt: skip
+        code = main(["submit", *argv])
+        logs = capsys.readouterr().out
+        assert code == 1, logs[-3000:]
+        assert "resources: 2 workers x (1 GPU, 1 CPU)" in logs and "the node types' maxima (2 GPUs" in logs
+        assert f"error: {refusal}" in logs and "Traceback" not in logs, logs[-3000:]
+        assert not (tmp_path / "gpu").exists()  # refused before any worker started
+
+        client = jobs.connect(gpu_cluster.address)
+        before = {j.submission_id for j in client.list_jobs()}
+        argv = ["--address", gpu_cluster.address, "tune", "--no-working-dir", "--preset", "tiny", "--data",
+                str(synth_data), "--space", str(REPO / "tests" / "data" / "asha_space.yaml"), "--samples", "1",
+                "--name", "gpu-sweep", "--storage", str(tmp_path), *DEFAULTS, "train.epochs=1"]  # fmt: skip
+        assert jobs.main(argv) == 0
+        (job_id,) = {j.submission_id for j in client.list_jobs()} - before
+        status = jobs.wait(client, job_id, timeout_s=200)
+        logs = client.get_job_logs(job_id)
+    assert status.value == "FAILED", logs[-3000:]
+    assert "resources: 1 worker x (1 GPU, 1 CPU)" in logs and f"error: {refusal}" in logs, logs[-3000:]
+
+
+def test_a_default_run_on_one_cpu_nodes_leaves_cpus_to_decode(
+    synth_data: Path, tmp_path: Path, hard_timeout, capsys: pytest.CaptureFixture
+) -> None:
+    """1-CPU node types, none up: the default CPU split comes from the node types (2 workers x 0.5 CPU beside the
+    decode tasks), not from the 0 CPUs up at submit time, and the run trains to the end."""
+    from ddetr.cli import main
+
+    env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]), "PYTHONPATH": ""}
+    c = FakeCluster({"cpu1": ONE_CPU_NODE}, idle_timeout_s=10, env=env)
+    try:
+        with hard_timeout(360):
+            c.start()
+            argv = ["--address", c.address, "train", "--preset", "tiny", "--data", str(synth_data), "--follow",
+                    *DEFAULTS, "train.epochs=1", "train.max_steps_per_epoch=4", f"train.storage_path={tmp_path}",
+                    "train.name=one-cpu"]  # fmt: skip
+            code = main(["submit", *argv])
+            logs = capsys.readouterr().out
+    finally:
+        c.stop()
+    assert code == 0, logs[-3000:]
+    assert "resources: 2 workers x (0.5 CPU)" in logs, logs[-3000:]
+    assert [r["step"] for r in steps(tmp_path / "one-cpu")] == [1, 2, 3, 4]

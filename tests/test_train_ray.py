@@ -351,12 +351,17 @@ def test_init_from_a_checkpoint_with_other_classes_keeps_the_rows_of_shared_name
 @pytest.mark.slow
 def test_a_starved_data_pipeline_ends_in_the_watchdog_error(ray_local, dataset, tmp_path, hard_timeout):
     """Two workers of half a CPU leave one CPU of this 2-CPU Ray, and each decode task asks for 1.5: no task can
-    ever start. The run stops with the watchdog's error naming the cause, instead of waiting forever."""
+    ever start. `train` refuses such a run before it starts; a TorchTrainer built without that check (or a cluster
+    whose CPUs other work holds) stops with the watchdog's error naming the cause, instead of waiting forever."""
+    from ddetr.config import ConfigError
     from ddetr.data.shards import DataError
+    from ddetr.train.ray_train import build_trainer, check_result
 
     cfg = ray_config(dataset, tmp_path, "starved", "data.map_cpus=1.5", "data.watchdog_s=20")
-    with hard_timeout(240), pytest.raises(DataError, match="no training batch for 20 s.*train.cpus_per_worker"):
+    with pytest.raises(ConfigError, match=r"2 x 0.5 \+ 1.5 = 2.5 CPUs, but this cluster \(the nodes up now\) has 2"):
         train(cfg, engine="ray")
+    with hard_timeout(240), pytest.raises(DataError, match="no training batch for 20 s.*train.cpus_per_worker"):
+        check_result(build_trainer(apply_overrides(cfg, ["train.max_failures=0"])).fit())
 
 
 @pytest.mark.slow

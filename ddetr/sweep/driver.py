@@ -126,7 +126,8 @@ def sweep_concurrency(cfg: Config, requested: int = 0) -> int:
     maxima = cluster_maxima()
     if requested > 0 and maxima is None:
         return requested
-    cpus = maxima["CPU"] if maxima else ray.cluster_resources().get("CPU", 0)
+    resources = maxima or ray.cluster_resources()
+    cpus = resources.get("CPU", 0)
     source = "the node types' maxima" if maxima else "the CPUs up now"
     try:
         n = concurrency(cfg, cpus, requested)
@@ -135,8 +136,31 @@ def sweep_concurrency(cfg: Config, requested: int = 0) -> int:
             raise
         log.warning("the cluster has %g CPUs up and no node types to go by: 1 trial at a time, waiting for nodes", cpus)
         return max(requested, 1)
+    if cfg.train.use_gpu == "true" and cfg.train.num_workers > 0:  # each trial's workers hold a GPU each
+        gpus = resources.get("GPU", 0)
+        n = max(1, min(n, int(gpus // cfg.train.num_workers)))
+        log.info("%d trials at once (%s: %g CPUs, %g GPUs)", n, source, cpus, gpus)
+        return n
     log.info("%d trials at once (%s: %g CPUs)", n, source, cpus)
     return n
+
+
+def plan_trials(base: Config) -> Config:
+    """The trials' inputs checked (`train.preflight`) and their resources decided once, before any trial starts, from
+    what the cluster can become (a GPU per worker where it can add GPUs, checked on a GPU node: `ray_train.plan_run`).
+    Unset workers are one per trial on GPUs, so that trials run side by side, one per GPU."""
+    from ddetr.cluster import capacity
+    from ddetr.train.preflight import check_data, check_init_from, check_pretrained_backbone
+    from ddetr.train.ray_train import plan_run
+
+    check_data(base)  # the user's mistakes, once for the sweep, before any trial starts
+    check_init_from(base)
+    check_pretrained_backbone(base)
+    cap = capacity()
+    gpus = base.train.use_gpu != "false" and cap.total.get("GPU", 0) > 0
+    if base.train.num_workers < 0 and gpus:
+        base = apply_overrides(base, ["train.num_workers=1"])
+    return plan_run(base, cap)
 
 
 def driver_resources() -> dict[str, float]:
@@ -183,6 +207,7 @@ def run_sweep(base: Config, space: dict[str, dict[str, list]], settings: SweepSe
             f"train.eval_every must be 1 in a sweep (ASHA compares val/AP every epoch), got {base.train.eval_every}"
         )
     require_dashboard()
+    base = plan_trials(base)
     results = build_tuner(base, space, settings).fit()
     rows = trial_rows(results, space, max_epochs=base.train.epochs)
     out = settings.path  # beside Tune's own files: a sweep in object storage keeps them there too

@@ -52,16 +52,10 @@ def train(cfg: Config, engine: str = "ray", resume: str | None = None) -> dict[s
         finally:
             runtime.close()
     if engine == "ray":
-        import ray
+        from ddetr.train.ray_train import build_trainer, check_result, init_local_ray, plan_run
 
-        from ddetr.data.shards import open_split
-        from ddetr.train.ray_train import build_trainer, check_fits, check_result, init_local_ray, resolve_resources
-
-        for split in (cfg.data.train, cfg.data.val):  # a bad shard is named now, not by a worker mid-epoch
-            if split:
-                open_split(split, skip_unreadable=cfg.data.skip_unreadable_shards)
-        if init_local_ray():  # a Ray that cannot grow: a run that does not fit would wait forever
-            check_fits(resolve_resources(cfg), ray.cluster_resources())
+        init_local_ray()
+        cfg = plan_run(cfg)  # GPUs, workers and CPUs from what the cluster can become; refused now if it cannot
         result = build_trainer(cfg, resume=resume).fit()
         metrics = check_result(result)
         log.info("run stored at %s", result.path)

@@ -1,312 +1,96 @@
-"""The Ray Train adapter: `fit` as the `train_loop_per_worker` of a `TorchTrainer`. The only module that touches
-Ray Train.
+"""The driver side of the Ray Train adapter: the resources a run asks for, its `TorchTrainer`, its result.
 
-The touchpoints: `ray.train.get_context` (rank, world size), `ray.train.torch.prepare_model` (DDP: NCCL on GPUs,
-gloo on CPUs), `ray.train.get_checkpoint` (resume after a failure), `ray.train.report` (metrics + checkpoint).
-
-Data: each worker streams its own share of every epoch through Ray Data (`build_ray_dataset` with the worker's
-rank). The epoch order is a pure function of (seed, epoch), so every epoch is reshuffled, and a run resumed from
-a mid-epoch checkpoint skips exactly the images trained before it, whatever the number of workers.
-
-Step callbacks (`callbacks.py`) given to `build_trainer` are pickled to every worker and called by `fit` there.
+`build_trainer` decides GPUs, workers and CPUs from what the cluster can become (`resources.py`), checks on one GPU
+node that torch sees a CUDA device there before any training worker starts, and runs `ray_worker.WorkerLoop` on
+every worker; `check_result` turns what a run reported into the driver's error or metrics.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import fcntl
-import hashlib
 import json
 import logging
-import math
 import os
-import shutil
-import tempfile
-import time
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+import posixpath
+from collections.abc import Sequence
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray
-import ray.data
 import ray.train
 import ray.train.torch
-import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from torch import nn
 
 from ddetr import io
+from ddetr.cluster import Capacity, capacity
 from ddetr.config import Config, ConfigError, named
-from ddetr.data.coco_eval import CocoEvaluator
-from ddetr.data.pipeline import DetrCollateFn, build_ray_dataset
 from ddetr.data.shards import DataError
-from ddetr.data.transforms import TransformConfig
 from ddetr.train.callbacks import StepCallback
-from ddetr.train.checkpoints import checkpoint_name, run_dir
+from ddetr.train.checkpoints import run_dir, update_pointers
 from ddetr.train.engine import NonFiniteLossError
-from ddetr.train.logbook import Logbook
-from ddetr.train.loop import fit
-
-# Metrics reported instead of raising when the loss stops being finite or the data cannot be read: Ray Train
-# would retry a worker error, and a retry resumes from the last checkpoint only to meet the same error again.
-# `check_result` turns them back into a NonFiniteLossError / DataError on the driver.
-NONFINITE_KEY = "nonfinite_loss"
-DATA_ERROR_KEY = "data_error"
-# Ray Train keeps in its Result only the metrics of reports that carry a checkpoint: rank 0 also writes the
-# error into the run folder, where `check_result` finds it whether or not a checkpoint came before.
-RUN_ERROR_FILE = "error.json"
+from ddetr.train.ray_worker import (  # noqa: F401 - re-exported: the adapter's public names live here
+    DATA_ERROR_KEY,
+    NONFINITE_KEY,
+    RUN_ERROR_FILE,
+    SETUP_ERROR_KEY,
+    WorkerLoop,
+    no_cuda_message,
+    node_copy,
+    upload_mode,
+    verbose,
+)
+from ddetr.train.resources import check_fits, describe, resolve_resources
 
 log = logging.getLogger(__name__)
 
 
-class RayRuntime:
-    """`fit`'s runtime inside a Ray Train worker."""
+def plan_run(cfg: Config, cap: Capacity | None = None) -> Config:
+    """`cfg` with its resources decided for the connected cluster (`resources.py`), checked to fit, and, for GPU
+    workers, checked on one GPU node that torch sees a CUDA device: every mistake found before a worker starts.
 
-    def __init__(self, cfg: Config, resume: str | None) -> None:
-        ctx = ray.train.get_context()
-        # A progress bar per epoch's dataset would interleave blank lines with the training log.
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        self.cfg = cfg
-        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self.resume = resume
-        self.transforms = TransformConfig.for_training(cfg.data)
-        self.logbook = Logbook(run_dir(cfg.train.storage_path, cfg.train.name), enabled=self.rank == 0)
-        self._evaluator = CocoEvaluator.from_shards(cfg.data.val) if cfg.data.val else None
-        self._restored: Path | None = None
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        if self.world_size == 1:
-            return model
-        return ray.train.torch.prepare_model(model, move_to_device=False)
-
-    def _batches(self, split: str, train: bool, epoch: int, skip: int) -> Iterable[dict]:
-        ds = build_ray_dataset(
-            split,
-            self.transforms,
-            train=train,
-            seed=self.cfg.train.seed,
-            epoch=epoch,
-            skip=skip,
-            rank=self.rank,
-            world_size=self.world_size,
-            num_cpus=self.cfg.data.map_cpus,
-            deal_size=self.cfg.train.batch_size,  # each rank reads whole row groups: every image read once
-            skip_unreadable=self.cfg.data.skip_unreadable_shards,
-        )
-        gpu = self.device.type == "cuda"
-        return ds.iter_torch_batches(
-            batch_size=self.cfg.train.batch_size,
-            collate_fn=DetrCollateFn(pin_memory=gpu),
-            drop_last=train,
-            prefetch_batches=4 if gpu else 1,
-        )
-
-    def train_batches(self, epoch: int, skip_images: int) -> Iterable[dict]:
-        return self._batches(self.cfg.data.train, True, epoch, skip_images)
-
-    def val_batches(self) -> Iterable[dict] | None:
-        return self._batches(self.cfg.data.val, False, 0, 0) if self.cfg.data.val else None
-
-    def evaluate(self, predictions: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
-        stats = self._evaluator.evaluate(predictions)
-        if self.rank == 0:
-            self.logbook.write("coco_eval", 0, {"text": self._evaluator.summary_text})
-        return stats
-
-    def log(self, kind: str, step: int, metrics: dict[str, Any]) -> None:
-        self.logbook.write(kind, step, metrics)
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        if not metrics.get("mid_epoch"):
-            self.logbook.write("epoch", int(metrics.get("step", 0)), metrics)
-        elif checkpoint_dir is not None:
-            self.logbook.flush()
-        # Named by step as in the single-process runtime, so `local.list_checkpoints` reads either run folder.
-        name = checkpoint_name(int(metrics.get("step", 0)))
-        mode = upload_mode(self.cfg)
-        if mode == ray.train.CheckpointUploadMode.SYNC:
-            checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-            return
-        checkpoint = None
-        if checkpoint_dir is not None:
-            # The caller removes its folder when this returns, before the upload ends: the files move (a rename, no
-            # copy) to a folder of this upload's own, which Ray Train deletes once they are in storage.
-            staged = Path(tempfile.mkdtemp(prefix="ddetr-upload-"))
-            for entry in Path(checkpoint_dir).iterdir():
-                os.replace(entry, staged / entry.name)
-            checkpoint = ray.train.Checkpoint.from_directory(str(staged))
-        # Every rank reports in the same mode: Ray Train pairs the ranks' reports in order.
-        ray.train.report(
-            metrics,
-            checkpoint=checkpoint,
-            checkpoint_dir_name=name,
-            checkpoint_upload_mode=mode,
-            delete_local_checkpoint_after_upload=checkpoint is not None,
-        )
-
-    def preemption_deadline(self) -> float | None:
-        # A barrier across the workers: every rank calls it once per step, and all get the same answer.
-        info = ray.train.get_preemption_info()
-        if info is None:
-            return None
-        if info.deadline_ms is None:  # Ray Train then restarts the attempt this long after it saw the notice
-            from ray.train.v2._internal.constants import DEFAULT_PREEMPTION_DEADLINE_S
-
-            return time.time() + DEFAULT_PREEMPTION_DEADLINE_S
-        return info.deadline_ms / 1000.0
-
-    def latest_checkpoint(self) -> Path | None:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:  # a restart: the run's latest registered checkpoint
-            source, filesystem = checkpoint.path, checkpoint.filesystem
-        elif self.resume:  # a new run from a checkpoint folder, local or in object storage
-            filesystem, source = io.resolve(self.resume)
-        else:
-            return None
-        if isinstance(filesystem, pafs.LocalFileSystem):
-            return Path(source)  # read where it is: loading only reads
-        self._restored = node_copy(source, filesystem)
-        return self._restored
-
-    def close(self) -> None:
-        self.logbook.close()
-        # The node's copy goes with its local rank 0 (every rank of the node loaded it when it started).
-        if self._restored is not None and ray.train.get_context().get_local_rank() == 0:
-            shutil.rmtree(self._restored, ignore_errors=True)
-
-
-def node_copy(path: str, filesystem: pafs.FileSystem) -> Path:
-    """A local copy of the checkpoint folder `path` of `filesystem`, downloaded once per node.
-
-    The ranks of a node share it: the first to take the node's lock downloads into a temporary name (in large
-    pieces: each piece is a request to the store; transient errors retried, `io.retried`) and renames it into
-    place; the others find it there.
+    Raises:
+        ConfigError: the run cannot fit the cluster, or a GPU node's torch sees no CUDA device.
     """
-    key = hashlib.sha1(f"{filesystem.type_name}:{path}".encode()).hexdigest()[:16]
-    folder = Path(tempfile.gettempdir(), "ddetr-restore", key)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not folder.exists():
-            tmp = folder.with_name(f"{key}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            log.info("downloading checkpoint %s", path)
-            io.retried(
-                f"downloading checkpoint {path}",
-                lambda: pafs.copy_files(path, str(tmp), source_filesystem=filesystem, chunk_size=io.COPY_CHUNK),
-            )
-            os.replace(tmp, folder)
-    return folder
+    cap = capacity() if cap is None else cap
+    cfg = resolve_resources(named(cfg), cap)
+    check_fits(cfg, cap)
+    log.info("resources: %s", describe(cfg, cap))
+    if cfg.train.use_gpu == "true" and cfg.train.num_workers > 0:
+        probe_cuda(cfg.train.worker_start_timeout_s * max(1, cfg.train.controller_failure_limit))
+    return cfg
 
 
-def upload_mode(cfg: Config) -> ray.train.CheckpointUploadMode:
-    """How checkpoints go to the run's storage (`train.checkpoint_upload`; "auto": asynchronous to object storage,
-    where rank 0's upload would otherwise hold every rank for seconds, synchronous to a local folder)."""
-    mode = cfg.train.checkpoint_upload
-    if mode == "async" or (mode == "auto" and io.is_uri(cfg.train.storage_path)):
-        return ray.train.CheckpointUploadMode.ASYNC
-    return ray.train.CheckpointUploadMode.SYNC
+@ray.remote(num_cpus=0, num_gpus=1, max_retries=0)
+def _cuda_on_gpu_node() -> tuple[bool, str, str | None, str | None]:
+    import torch
+
+    return torch.cuda.is_available(), torch.__version__, torch.version.cuda, os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
-def verbose() -> bool:
-    """Whether Ray's own progress and reports reach the console (`ddetr -v` sets DDETR_VERBOSE=1)."""
-    return os.environ.get("DDETR_VERBOSE", "0") not in ("", "0")
-
-
-def quiet_worker_logs(rank: int) -> None:
-    """Rank 0 tells the run's progress; the other ranks, and libraries printing to stdout, speak only in warnings.
-
-    Ray Train turns a worker's `print` into an INFO record of the root logger: with the root at WARNING, what
-    pycocotools and others print is dropped, while the "ddetr" loggers keep their INFO on rank 0.
-    """
-    logging.basicConfig(level=logging.INFO if verbose() else logging.WARNING, format="%(message)s", force=True)
-    logging.getLogger("ddetr").setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    if not verbose():
-        # Ray Data announces every epoch's dataset, and warns that its progress bars are off, as we asked.
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-
-
-def set_torch_threads(cpus_per_worker: float) -> None:
-    """One intra-op thread per CPU the worker holds (at least one).
-
-    Ray sets OMP_NUM_THREADS the same way when it starts a worker, but only if the variable is unset, and torch
-    reads it once, at import: set the thread count explicitly, so that N workers on N * cpus_per_worker cores
-    never run more threads than cores (oversubscribed threads spin in every barrier of every op).
-    """
-    torch.set_num_threads(max(1, math.floor(cpus_per_worker)))
-
-
-class WorkerLoop:
-    """Ray Train's entry point on every worker, called with `Config.to_dict()` plus an optional "resume" path.
-
-    It holds the step callbacks, which reach the workers pickled with it.
-    """
-
-    def __init__(self, callbacks: Sequence[StepCallback] = ()) -> None:
-        self.callbacks = tuple(callbacks)
-
-    def __call__(self, config: dict[str, Any]) -> None:
-        config = dict(config)
-        resume = config.pop("resume", None)
-        cfg = Config.from_dict(config)
-        quiet_worker_logs(ray.train.get_context().get_world_rank())
-        if cfg.train.num_workers > 0:  # with none, this runs in the driver: leave its threads alone
-            set_torch_threads(cfg.train.cpus_per_worker)
-        runtime = RayRuntime(cfg, resume)
-        error_file = io.join(run_dir(cfg.train.storage_path, cfg.train.name), RUN_ERROR_FILE)
-        if runtime.rank == 0 and io.exists(error_file):
-            io.remove(error_file)  # an earlier attempt's: this one starts afresh
-        try:
-            fit(cfg, runtime, self.callbacks)
-        except (NonFiniteLossError, DataError) as err:
-            # Deterministic, so a restart would only meet it again: end the run instead of raising. A non-finite
-            # loss is met by every rank at the same step (it is averaged over the workers first).
-            key = NONFINITE_KEY if isinstance(err, NonFiniteLossError) else DATA_ERROR_KEY
-            if runtime.rank == 0:
-                io.atomic_write(error_file, json.dumps({key: str(err)}))
-            ray.train.report({key: str(err)})
-        finally:
-            runtime.close()
-
-
-def resolve_resources(cfg: Config, cluster: dict[str, float] | None = None) -> Config:
-    """`cfg` with `train.use_gpu` and `train.cpus_per_worker` decided for the cluster (`ray.cluster_resources()`).
-
-    "auto" GPUs: a GPU per worker when the cluster has any. Derived CPUs (`cpus_per_worker=0`): 1 per GPU worker;
-    on CPUs, the cluster's CPUs less one decode task (`data.map_cpus`) per worker, split between the workers, so
-    Ray Data always has CPUs to decode with; 1 on a cluster with no CPUs yet (an autoscaler adds them).
-    """
-    cluster = dict(ray.cluster_resources()) if cluster is None else cluster
-    t = cfg.train
-    use_gpu = t.use_gpu == "true" or (t.use_gpu == "auto" and cluster.get("GPU", 0) > 0)
-    cpus = t.cpus_per_worker
-    if cpus <= 0:
-        free = cluster.get("CPU", 0) - t.num_workers * cfg.data.map_cpus
-        cpus = 1.0 if use_gpu or cluster.get("CPU", 0) <= 0 else max(0.1, math.floor(10 * free / t.num_workers) / 10)
-    return dataclasses.replace(
-        cfg, train=dataclasses.replace(t, use_gpu="true" if use_gpu else "false", cpus_per_worker=cpus)
-    )
-
-
-def check_fits(cfg: Config, cluster: dict[str, float]) -> None:
-    """Refuse, before starting, a run that a cluster which cannot grow could never schedule (or never feed)."""
-    t = cfg.train
-    need = t.num_workers * t.cpus_per_worker + cfg.data.map_cpus
-    have = cluster.get("CPU", 0)
-    if need > have + 1e-9:
+def probe_cuda(timeout_s: float) -> None:
+    """Run a task holding one GPU (an autoscaler adds a GPU node for it) and refuse the run when torch sees no CUDA
+    device there: the training workers would otherwise fail to set up NCCL, and be retried, or train on CPUs."""
+    ref = _cuda_on_gpu_node.remote()
+    ready, _ = ray.wait([ref], timeout=timeout_s)
+    if not ready:
+        ray.cancel(ref, force=True)
         raise ConfigError(
-            f"train.num_workers x train.cpus_per_worker + data.map_cpus = {t.num_workers} x {t.cpus_per_worker:g} + "
-            f"{cfg.data.map_cpus:g} = {need:g} CPUs, but this Ray has {have:g} and cannot add nodes: the workers "
-            "would wait forever, or leave no CPU to decode the data. Lower train.cpus_per_worker (0 derives it), "
-            "train.num_workers or data.map_cpus"
+            f"no GPU became available within {timeout_s:g} s (train.worker_start_timeout_s x "
+            "train.controller_failure_limit): check the cluster's GPU node types and quotas, or train.use_gpu=false"
         )
-    if t.use_gpu == "true" and cluster.get("GPU", 0) < t.num_workers:
-        raise ConfigError(f"train.use_gpu=true needs {t.num_workers} GPUs, but this Ray has {cluster.get('GPU', 0):g}")
+    available, version, cuda, visible = ray.get(ref)
+    if not available:
+        raise ConfigError(no_cuda_message(version, cuda, visible))
+
+
+class RunPointers(ray.train.UserCallback):
+    """Keep the run folder's `best` and `latest` pointers (`checkpoints.update_pointers`) on Ray Train's controller,
+    after each checkpoint is in storage (also when rank 0 uploads it asynchronously)."""
+
+    def __init__(self, run: str) -> None:
+        self.run = run
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if checkpoint is not None:
+            update_pointers(self.run, posixpath.basename(checkpoint.path.rstrip("/")), metrics[0])
 
 
 def pin_data_stats_actor() -> None:
@@ -335,8 +119,8 @@ def build_trainer(
     Running it again with the same `train.storage_path` and `train.name` continues the run from its latest
     checkpoint (Ray Train restores by name); `resume` starts a new run from a checkpoint folder instead.
     `run_callbacks` go to the `RunConfig` (e.g. Tune's `TuneReportCallback` when the run is a Tune trial);
-    `step_callbacks` to `fit` on every worker. GPUs and CPUs per worker are resolved against the cluster of the
-    connected Ray (`resolve_resources`).
+    `step_callbacks` to `fit` on every worker. GPUs, workers and CPUs per worker are resolved against what the
+    connected cluster can become (`resources.resolve_resources`; `plan_run` also checks them, before this).
 
     A worker that dies or raises costs one of `train.max_failures`; a node preemption (spot reclaim, drain) one
     of `train.max_preemption_failures` instead. The run then restarts every worker from the latest checkpoint Ray
@@ -344,7 +128,7 @@ def build_trainer(
     one before). `train.controller_failure_limit` bounds failed worker-group start-ups, each waiting
     `train.worker_start_timeout_s` for its resources.
     """
-    cfg = resolve_resources(named(cfg))
+    cfg = resolve_resources(named(cfg), capacity())
     t = cfg.train
     workers: int | tuple[int, int] = (t.min_workers, t.num_workers) if t.min_workers > 0 else t.num_workers
     # Workers run in a directory of Ray's choosing: relative paths are resolved here, against the caller's.
@@ -376,14 +160,15 @@ def build_trainer(
                 controller_failure_limit=t.controller_failure_limit,
                 max_preemption_failures=t.max_preemption_failures,
             ),
-            callbacks=run_callbacks,
+            callbacks=[RunPointers(run_dir(config["train"]["storage_path"], t.name)), *(run_callbacks or [])],
             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )
 
 
 def check_result(result: ray.train.Result) -> dict[str, Any]:
-    """The metrics of a finished `TorchTrainer.fit()`; its error raised, a non-finite loss as NonFiniteLossError."""
+    """The metrics of a finished `TorchTrainer.fit()`; its error raised: a non-finite loss as NonFiniteLossError,
+    unreadable data as DataError, a worker that cannot train as configured as ConfigError."""
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
@@ -396,6 +181,8 @@ def check_result(result: ray.train.Result) -> dict[str, Any]:
         )
     if DATA_ERROR_KEY in metrics:
         raise DataError(metrics[DATA_ERROR_KEY])
+    if SETUP_ERROR_KEY in metrics:
+        raise ConfigError(metrics[SETUP_ERROR_KEY])
     return metrics
 
 

@@ -1,0 +1,301 @@
+"""The worker side of the Ray Train adapter: `fit` as the `train_loop_per_worker` of a `TorchTrainer`.
+
+The touchpoints: `ray.train.get_context` (rank, world size), `ray.train.torch.prepare_model` (DDP: NCCL on GPUs,
+gloo on CPUs), `ray.train.get_checkpoint` (resume after a failure), `ray.train.report` (metrics + checkpoint).
+The driver side (resources, the `TorchTrainer`, the result) is `ray_train.py`.
+
+Data: each worker streams its own share of every epoch through Ray Data (`build_ray_dataset` with the worker's
+rank). The epoch order is a pure function of (seed, epoch), so every epoch is reshuffled, and a run resumed from
+a mid-epoch checkpoint skips exactly the images trained before it, whatever the number of workers.
+
+Step callbacks (`callbacks.py`) given to `build_trainer` are pickled to every worker and called by `fit` there.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from ddetr import io
+from ddetr.config import Config, ConfigError
+from ddetr.data.coco_eval import CocoEvaluator
+from ddetr.data.pipeline import DetrCollateFn, build_ray_dataset
+from ddetr.data.shards import DataError
+from ddetr.data.transforms import TransformConfig
+from ddetr.train.callbacks import StepCallback
+from ddetr.train.checkpoints import checkpoint_name, run_dir
+from ddetr.train.engine import NonFiniteLossError
+from ddetr.train.logbook import Logbook
+from ddetr.train.loop import fit
+
+# Metrics reported instead of raising when the loss stops being finite or the data cannot be read: Ray Train
+# would retry a worker error, and a retry resumes from the last checkpoint only to meet the same error again.
+# `check_result` turns them back into a NonFiniteLossError / DataError on the driver.
+NONFINITE_KEY = "nonfinite_loss"
+DATA_ERROR_KEY = "data_error"
+SETUP_ERROR_KEY = "setup_error"  # the worker cannot train as configured (a GPU torch cannot see): a ConfigError
+# Ray Train keeps in its Result only the metrics of reports that carry a checkpoint: rank 0 also writes the
+# error into the run folder, where `check_result` finds it whether or not a checkpoint came before.
+RUN_ERROR_FILE = "error.json"
+
+log = logging.getLogger(__name__)
+
+
+class RayRuntime:
+    """`fit`'s runtime inside a Ray Train worker."""
+
+    def __init__(self, cfg: Config, resume: str | None) -> None:
+        ctx = ray.train.get_context()
+        # A progress bar per epoch's dataset would interleave blank lines with the training log.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        self.cfg = cfg
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.resume = resume
+        self.transforms = TransformConfig.for_training(cfg.data)
+        self.logbook = Logbook(run_dir(cfg.train.storage_path, cfg.train.name), enabled=self.rank == 0)
+        self._evaluator = CocoEvaluator.from_shards(cfg.data.val) if cfg.data.val else None
+        self._restored: Path | None = None
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world_size == 1:
+            return model
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def _batches(self, split: str, train: bool, epoch: int, skip: int) -> Iterable[dict]:
+        ds = build_ray_dataset(
+            split,
+            self.transforms,
+            train=train,
+            seed=self.cfg.train.seed,
+            epoch=epoch,
+            skip=skip,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_cpus=self.cfg.data.map_cpus,
+            deal_size=self.cfg.train.batch_size,  # each rank reads whole row groups: every image read once
+            skip_unreadable=self.cfg.data.skip_unreadable_shards,
+        )
+        gpu = self.device.type == "cuda"
+        return ds.iter_torch_batches(
+            batch_size=self.cfg.train.batch_size,
+            collate_fn=DetrCollateFn(pin_memory=gpu),
+            drop_last=train,
+            prefetch_batches=4 if gpu else 1,
+        )
+
+    def train_batches(self, epoch: int, skip_images: int) -> Iterable[dict]:
+        return self._batches(self.cfg.data.train, True, epoch, skip_images)
+
+    def val_batches(self) -> Iterable[dict] | None:
+        return self._batches(self.cfg.data.val, False, 0, 0) if self.cfg.data.val else None
+
+    def evaluate(self, predictions: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
+        stats = self._evaluator.evaluate(predictions)
+        if self.rank == 0:
+            self.logbook.write("coco_eval", 0, {"text": self._evaluator.summary_text})
+        return stats
+
+    def log(self, kind: str, step: int, metrics: dict[str, Any]) -> None:
+        self.logbook.write(kind, step, metrics)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        if not metrics.get("mid_epoch"):
+            self.logbook.write("epoch", int(metrics.get("step", 0)), metrics)
+        elif checkpoint_dir is not None:
+            self.logbook.flush()
+        # Named by step as in the single-process runtime, so `local.list_checkpoints` reads either run folder.
+        name = checkpoint_name(int(metrics.get("step", 0)))
+        mode = upload_mode(self.cfg)
+        if mode == ray.train.CheckpointUploadMode.SYNC:
+            checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+            return
+        checkpoint = None
+        if checkpoint_dir is not None:
+            # The caller removes its folder when this returns, before the upload ends: the files move (a rename, no
+            # copy) to a folder of this upload's own, which Ray Train deletes once they are in storage.
+            staged = Path(tempfile.mkdtemp(prefix="ddetr-upload-"))
+            for entry in Path(checkpoint_dir).iterdir():
+                os.replace(entry, staged / entry.name)
+            checkpoint = ray.train.Checkpoint.from_directory(str(staged))
+        # Every rank reports in the same mode: Ray Train pairs the ranks' reports in order.
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=name,
+            checkpoint_upload_mode=mode,
+            delete_local_checkpoint_after_upload=checkpoint is not None,
+        )
+
+    def preemption_deadline(self) -> float | None:
+        # A barrier across the workers: every rank calls it once per step, and all get the same answer.
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return None
+        if info.deadline_ms is None:  # Ray Train then restarts the attempt this long after it saw the notice
+            from ray.train.v2._internal.constants import DEFAULT_PREEMPTION_DEADLINE_S
+
+            return time.time() + DEFAULT_PREEMPTION_DEADLINE_S
+        return info.deadline_ms / 1000.0
+
+    def latest_checkpoint(self) -> Path | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:  # a restart: the run's latest registered checkpoint
+            source, filesystem = checkpoint.path, checkpoint.filesystem
+        elif self.resume:  # a new run from a checkpoint folder, local or in object storage
+            filesystem, source = io.resolve(self.resume)
+        else:
+            return None
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            return Path(source)  # read where it is: loading only reads
+        self._restored = node_copy(source, filesystem)
+        return self._restored
+
+    def close(self) -> None:
+        self.logbook.close()
+        # The node's copy goes with its local rank 0 (every rank of the node loaded it when it started).
+        if self._restored is not None and ray.train.get_context().get_local_rank() == 0:
+            shutil.rmtree(self._restored, ignore_errors=True)
+
+
+def node_copy(path: str, filesystem: pafs.FileSystem) -> Path:
+    """A local copy of the checkpoint folder `path` of `filesystem`, downloaded once per node.
+
+    The ranks of a node share it: the first to take the node's lock downloads into a temporary name (in large
+    pieces: each piece is a request to the store; transient errors retried, `io.retried`) and renames it into
+    place; the others find it there.
+    """
+    key = hashlib.sha1(f"{filesystem.type_name}:{path}".encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir(), "ddetr-restore", key)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not folder.exists():
+            tmp = folder.with_name(f"{key}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            log.info("downloading checkpoint %s", path)
+            io.retried(
+                f"downloading checkpoint {path}",
+                lambda: pafs.copy_files(path, str(tmp), source_filesystem=filesystem, chunk_size=io.COPY_CHUNK),
+            )
+            os.replace(tmp, folder)
+    return folder
+
+
+def upload_mode(cfg: Config) -> ray.train.CheckpointUploadMode:
+    """How checkpoints go to the run's storage (`train.checkpoint_upload`; "auto": asynchronous to object storage,
+    where rank 0's upload would otherwise hold every rank for seconds, synchronous to a local folder)."""
+    mode = cfg.train.checkpoint_upload
+    if mode == "async" or (mode == "auto" and io.is_uri(cfg.train.storage_path)):
+        return ray.train.CheckpointUploadMode.ASYNC
+    return ray.train.CheckpointUploadMode.SYNC
+
+
+def verbose() -> bool:
+    """Whether Ray's own progress and reports reach the console (`ddetr -v` sets DDETR_VERBOSE=1)."""
+    return os.environ.get("DDETR_VERBOSE", "0") not in ("", "0")
+
+
+def quiet_worker_logs(rank: int) -> None:
+    """Rank 0 tells the run's progress; the other ranks, and libraries printing to stdout, speak only in warnings.
+
+    Ray Train turns a worker's `print` into an INFO record of the root logger: with the root at WARNING, what
+    pycocotools and others print is dropped, while the "ddetr" loggers keep their INFO on rank 0.
+    """
+    logging.basicConfig(level=logging.INFO if verbose() else logging.WARNING, format="%(message)s", force=True)
+    logging.getLogger("ddetr").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if not verbose():
+        # Ray Data announces every epoch's dataset, and warns that its progress bars are off, as we asked.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def set_torch_threads(cpus_per_worker: float) -> None:
+    """One intra-op thread per CPU the worker holds (at least one).
+
+    Ray sets OMP_NUM_THREADS the same way when it starts a worker, but only if the variable is unset, and torch
+    reads it once, at import: set the thread count explicitly, so that N workers on N * cpus_per_worker cores
+    never run more threads than cores (oversubscribed threads spin in every barrier of every op).
+    """
+    torch.set_num_threads(max(1, math.floor(cpus_per_worker)))
+
+
+class WorkerLoop:
+    """Ray Train's entry point on every worker, called with `Config.to_dict()` plus an optional "resume" path.
+
+    It holds the step callbacks, which reach the workers pickled with it.
+    """
+
+    def __init__(self, callbacks: Sequence[StepCallback] = ()) -> None:
+        self.callbacks = tuple(callbacks)
+
+    def __call__(self, config: dict[str, Any]) -> None:
+        config = dict(config)
+        resume = config.pop("resume", None)
+        cfg = Config.from_dict(config)
+        ctx = ray.train.get_context()
+        quiet_worker_logs(ctx.get_world_rank())
+        if cfg.train.num_workers > 0:  # with none, this runs in the driver: leave its threads alone
+            set_torch_threads(cfg.train.cpus_per_worker)
+        error_file = io.join(run_dir(cfg.train.storage_path, cfg.train.name), RUN_ERROR_FILE)
+        if ctx.get_world_rank() == 0 and io.exists(error_file):
+            io.remove(error_file)  # an earlier attempt's: this one starts afresh
+        runtime = None
+        try:
+            check_cuda(cfg)
+            runtime = RayRuntime(cfg, resume)
+            fit(cfg, runtime, self.callbacks)
+        except (NonFiniteLossError, DataError, ConfigError) as err:
+            # Deterministic, so a restart would only meet it again: end the run instead of raising. A non-finite
+            # loss is met by every rank at the same step (it is averaged over the workers first); a data error by
+            # every rank at the same collective (`loop.py`); a worker without CUDA by every worker of its node type.
+            key = SETUP_ERROR_KEY
+            if isinstance(err, DataError):
+                key = DATA_ERROR_KEY
+            elif isinstance(err, NonFiniteLossError):
+                key = NONFINITE_KEY
+            if ctx.get_world_rank() == 0:
+                io.atomic_write(error_file, json.dumps({key: str(err)}))
+            ray.train.report({key: str(err)})
+        finally:
+            if runtime is not None:
+                runtime.close()
+
+
+def check_cuda(cfg: Config) -> None:
+    """Refuse to train on the CPUs of a worker that Ray gave a GPU (a CPU-only torch on GPU nodes, a broken driver):
+    the run would look healthy and be ten times slower."""
+    if cfg.train.use_gpu == "true" and not torch.cuda.is_available():
+        raise ConfigError(
+            no_cuda_message(torch.__version__, torch.version.cuda, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        )
+
+
+def no_cuda_message(torch_version: str, cuda_version: str | None, visible: str | None) -> str:
+    """The one line for a worker given a GPU whose torch sees no CUDA device (also used by the driver's probe)."""
+    build = f"a CUDA {cuda_version} build" if cuda_version else "a CPU-only build"
+    return (
+        f"a training worker was given a GPU, but torch sees no CUDA device (torch {torch_version}, {build}; "
+        f"CUDA_VISIBLE_DEVICES={visible or ''}): install a CUDA build of torch on the GPU nodes (make TORCH=torch), "
+        "or train on CPUs with train.use_gpu=false"
+    )
