@@ -57,19 +57,24 @@ def pad_and_normalize(images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch
 
 
 def collate_columns(batch: dict[str, Any]) -> dict[str, Any]:
-    """A decoded batch (``decode.EXAMPLE_SCHEMA`` columns, as numpy arrays) to the model batch."""
+    """A decoded batch (``decode.EXAMPLE_SCHEMA`` columns, as numpy arrays) to the model batch, with "substituted":
+    how many of its images stand in for one that failed to decode."""
     heights, widths = np.asarray(batch["height"]), np.asarray(batch["width"])
     images = [
         np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(heights[i], widths[i], 3) for i in range(len(heights))
     ]
-    return _assemble(
-        images,
-        list(batch["boxes"]),
-        list(batch["labels"]),
-        batch["image_id"],
-        np.stack([batch["orig_height"], batch["orig_width"]], axis=1),
-        np.stack([heights, widths], axis=1),
-    )
+    substituted = int(np.sum(batch["substitute"])) if "substitute" in batch else 0
+    return {
+        "substituted": substituted,
+        **_assemble(
+            images,
+            list(batch["boxes"]),
+            list(batch["labels"]),
+            batch["image_id"],
+            np.stack([batch["orig_height"], batch["orig_width"]], axis=1),
+            np.stack([heights, widths], axis=1),
+        ),
+    }
 
 
 def collate_examples(examples: list[dict[str, Any]], numpy_targets: bool = False) -> dict[str, Any]:

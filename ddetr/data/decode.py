@@ -1,9 +1,11 @@
 """Shard rows to training examples: reduced-size JPEG decoding, the transform, the target.
 
 ``try_decode_example`` is what both pipelines run on each image (in a Ray Data task through
-``decode_batch``, or in a torch DataLoader worker). A row whose bytes fail to decode is dropped with
+``decode_rows``, or in a torch DataLoader worker). A row whose bytes fail to decode is logged with
 a warning naming its image id and counted in ``decode_failures()`` of that process, so one bad
-image never ends an epoch.
+image never ends an epoch. In the Ray pipeline it is replaced in place by the next image of its read
+item that decodes (``fill_failed``), flagged ``substitute``: every rank keeps the number of images it
+was dealt, so every rank takes the same number of steps (and the same collectives) whatever the data.
 Images leave here as uint8 HWC (a quarter of float32 through Ray's object store); normalisation
 happens in the collate step. A decoded batch is an Arrow table of plain columns (``EXAMPLE_SCHEMA``):
 the image as raw bytes beside its height and width, because Ray's variable-shaped tensor columns
@@ -55,6 +57,7 @@ EXAMPLE_SCHEMA = pa.schema(
         ("image_id", pa.int64()),
         ("orig_height", pa.int32()),
         ("orig_width", pa.int32()),
+        ("substitute", pa.bool_()),  # a copy standing in for an image that failed to decode
     ]
 )
 # Shard columns the decoder reads (the rest stay on disk).
@@ -125,13 +128,34 @@ def decode_batch(batch: dict[str, Any], cfg: TransformConfig, train: bool, seed:
 
     Undecodable rows are dropped (see the module docstring).
     """
-    examples = []
-    for i in range(len(batch["image_id"])):
-        row = {k: batch[k][i] for k in ROW_COLUMNS}
-        example = try_decode_example(row, cfg, train, seed, epoch)
-        if example is not None:
-            examples.append(example)
-    return examples_to_table(examples)
+    return examples_to_table([e for e in decode_examples(batch, cfg, train, seed, epoch) if e is not None])
+
+
+def decode_examples(
+    batch: dict[str, Any], cfg: TransformConfig, train: bool, seed: int, epoch: int
+) -> list[dict[str, Any] | None]:
+    """``try_decode_example`` of each row of a batch of shard rows: None where the image failed to decode."""
+    rows = ({k: batch[k][i] for k in ROW_COLUMNS} for i in range(len(batch["image_id"])))
+    return [try_decode_example(row, cfg, train, seed, epoch) for row in rows]
+
+
+def fill_failed(examples: list[dict[str, Any] | None], fallback: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """``examples`` with each None replaced by the next example that decoded (wrapping round), else by
+    ``fallback``; a replacement is a copy flagged ``substitute``. All None and no fallback: [].
+
+    Deterministic: the same rows fail in every epoch and after every resume, and get the same stand-ins.
+    """
+    good = [i for i, e in enumerate(examples) if e is not None]
+    if not good and fallback is None:
+        return []
+    filled = []
+    for i, example in enumerate(examples):
+        if example is None:
+            after = [j for j in good if j > i] or good
+            source = examples[after[0]] if after else fallback
+            example = {**source, "substitute": True}
+        filled.append(example)
+    return filled
 
 
 def decode_rows(
@@ -156,10 +180,19 @@ def decode_rows(
         axis=1,
     )
     table = read_rows(uris, pairs, filesystem=filesystem, sizes=sizes)
+    # Rows that failed before any image of the item decoded wait for the first one that does (order is kept);
+    # an item in which nothing decodes yields nothing, and the trainer repeats a batch instead (`loop.py`).
+    waiting: list[None] = []
+    last_good: dict[str, Any] | None = None
     for start in range(0, table.num_rows, chunk):
-        out = decode_batch(table.slice(start, chunk).to_pydict(), cfg, train, seed, epoch)
-        if out.num_rows:
-            yield out
+        examples = decode_examples(table.slice(start, chunk).to_pydict(), cfg, train, seed, epoch)
+        filled = fill_failed([*waiting, *examples], last_good)
+        if not filled:
+            waiting += examples
+            continue
+        waiting = []
+        last_good = next((e for e in reversed(filled) if not e.get("substitute")), last_good)
+        yield examples_to_table(filled)
 
 
 # This process's footers, by (filesystem, uri, file size): a Ray decode worker reads each shard's footer once.
@@ -280,5 +313,6 @@ def examples_to_table(examples: list[dict[str, Any]]) -> pa.Table:
         "image_id": [e["image_id"] for e in examples],
         "orig_height": [e["orig_size"][0] for e in examples],
         "orig_width": [e["orig_size"][1] for e in examples],
+        "substitute": [bool(e.get("substitute", False)) for e in examples],
     }
     return pa.Table.from_pydict(columns, schema=EXAMPLE_SCHEMA)

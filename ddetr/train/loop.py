@@ -7,15 +7,12 @@ torch DataLoader, checkpoints in a run folder) in `local.py`, and the Ray Train 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 import tempfile
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from queue import Empty, Queue
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,14 +21,15 @@ from torch import nn
 
 from ddetr.config import Config
 from ddetr.data.collate import batch_to
-from ddetr.data.shards import DataError
 from ddetr.models import build_model
 from ddetr.models.weights import init_from
+from ddetr.train.batches import DataStallError, planned_groups, watched  # noqa: F401 - DataStallError: re-exported
 from ddetr.train.callbacks import StepCallback, StepInfo
 from ddetr.train.checkpoints import TrainState, load_checkpoint, save_checkpoint
 from ddetr.train.ema import ModelEMA
-from ddetr.train.engine import NonFiniteLossError, predict_batches, train_step
+from ddetr.train.engine import NonFiniteLossError, predict_batches, train_step, world_sum
 from ddetr.train.optim import build_optimizer, build_scheduler
+from ddetr.train.preemption import PreemptionWatch
 from ddetr.train.progress import EpochProgress
 
 log = logging.getLogger("ddetr.train")
@@ -68,6 +66,9 @@ class Runtime(Protocol):
     def preemption_deadline(self) -> float | None:
         """The Unix time at which the node of a worker is taken away once that is announced, else None (called once
         per step on every worker)."""
+
+    def close(self) -> None:
+        """Flush the logbook and let go of what the runtime holds (downloads, files); called once `fit` returns."""
 
 
 def seed_everything(seed: int) -> None:
@@ -209,19 +210,19 @@ def fit(cfg: Config, runtime: Runtime, callbacks: Sequence[StepCallback] = ()) -
     accum = accumulation_steps(cfg, runtime.world_size)
     images_per_step = t.batch_size * runtime.world_size * accum
     divergence = DivergenceGuard(runtime, t.max_nonfinite_steps)
+    preemption = PreemptionWatch(runtime)
     metrics: dict[str, Any] = dict(state.metrics)
-    preempted = False
-    restart_due: float | None = None  # a preemption's deadline, once its just-in-time checkpoint is written
 
     for epoch in range(state.epoch, t.epochs):
         steps_left = remaining_steps(cfg, state, runtime.world_size, accum)
         steps_per_epoch = state.batches_done + steps_left
         progress = EpochProgress(epoch, t.epochs, steps_per_epoch, state.batches_done, runtime.rank == 0, t.log_every)
         sums: dict[str, float] = {}
-        steps_here = 0
+        steps_here = stand_ins = 0
         batches = watched(runtime.train_batches(epoch, skip_images=state.images_done), cfg.data.watchdog_s)
-        for group, data_wait in step_groups(batches, accum, steps_left):
+        for group, data_wait, substituted in planned_groups(batches, accum, steps_left, epoch, device):
             tick = time.perf_counter()
+            stand_ins += substituted
             group = [batch_to(b, device) for b in group]
             seed_step(t.seed, runtime.rank, state.step)  # after the batches: a data iterator draws from torch too
             where = f"epoch {epoch}, optimizer step {state.step + 1} (step {state.batches_done + 1} of the epoch)"
@@ -259,55 +260,46 @@ def fit(cfg: Config, runtime: Runtime, callbacks: Sequence[StepCallback] = ()) -
                 runtime.log("step", state.step, {**step_metrics, "epoch": epoch})
             progress.update(step_metrics["loss"])
             # The last step of an epoch is followed by the epoch's own checkpoint: no mid-epoch one then.
-            every = t.checkpoint_every_steps
-            periodic = every > 0 and state.batches_done % every == 0
-            # A preemption notice (a spot reclaim, a drain) gets a checkpoint now, once: the run resumes from it.
-            deadline = runtime.preemption_deadline()
-            just_in_time = deadline is not None and not preempted
-            preempted = preempted or just_in_time
-            if (periodic or just_in_time) and state.batches_done < steps_per_epoch:
-                if just_in_time:
-                    log.warning("a node of this run is being preempted: checkpoint at step %d", state.step)
+            mid_epoch = state.batches_done < steps_per_epoch
+            periodic = t.checkpoint_every_steps > 0 and state.batches_done % t.checkpoint_every_steps == 0
+            notice = preemption.notice(state.step)  # a spot reclaim, a drain: checkpoint now, once
+            if (periodic or notice) and mid_epoch:
                 checkpoint(cfg, runtime, run, {**step_metrics, "epoch": epoch, "step": state.step, "mid_epoch": True})
-            if just_in_time:
-                restart_due = deadline
-            if restart_due is not None and state.batches_done < steps_per_epoch:
-                await_restart(restart_due, state.step)
-                restart_due = None
+            if mid_epoch:
+                preemption.await_restart(state.step)
         progress.close()
 
         run.scheduler.step()
         state.epoch, state.batches_done, state.images_done = epoch + 1, 0, 0
         metrics = epoch_metrics(sums, steps_here)
-        metrics.update(epoch=state.epoch, step=state.step)
-        val = runtime.val_batches()
-        if val is not None and (state.epoch % t.eval_every == 0 or state.epoch == t.epochs):
-            eval_dtype = run.amp_dtype if t.amp_eval else None
-            predictions = predict_batches(
-                run.model, run.postprocessors["bbox"], val, device=device, amp_dtype=eval_dtype
-            )
-            metrics.update({f"val/{k}": v for k, v in runtime.evaluate(predictions).items()})
+        # Every rank adds its stand-ins (images that failed to decode), once per epoch: the same collective on each.
+        metrics.update(epoch=state.epoch, step=state.step, **{"data/skipped_images": world_sum([stand_ins], device)[0]})
+        if state.epoch % t.eval_every == 0 or state.epoch == t.epochs:
+            metrics.update(validate(cfg, runtime, run))
         if runtime.rank == 0:
             log.info("epoch %d/%d done: %s", state.epoch, t.epochs, summary(metrics))
         checkpoint(cfg, runtime, run, metrics)
-        if restart_due is not None and state.epoch < t.epochs:  # the notice came with the epoch's last step
-            await_restart(restart_due, state.step)
-        restart_due = None
+        if state.epoch < t.epochs:  # a notice that came with the epoch's last step, checkpointed just now
+            preemption.await_restart(state.step)
     return metrics
 
 
-def await_restart(deadline: float, step: int, margin_s: float = 60.0) -> None:
-    """Train no further once a preemption's checkpoint is written: Ray Train ends this attempt at the deadline and
-    restarts it from that checkpoint, so a step trained now would be trained again (its images twice).
+def validate(cfg: Config, runtime: Runtime, run: Training) -> dict[str, float]:
+    """COCO metrics of the model shipped (`run.deployed`: the EMA when it is on) as "val/<metric>", which rank the
+    checkpoints; with the EMA on, the raw weights' as "val_raw/<metric>" beside them. {} without a validation split.
 
-    Returns, to train on, only if this attempt is still alive `margin_s` after the deadline (no restart came).
+    The raw weights go first: the logbook's COCO summary is then the shipped model's.
     """
-    log.warning(
-        "waiting for the restart at the preemption deadline (in %.0f s), from step %d", deadline - time.time(), step
-    )
-    while time.time() < deadline + margin_s:
-        time.sleep(min(1.0, max(0.0, deadline + margin_s - time.time())))
-    log.warning("no restart %.0f s after the preemption deadline: training on from step %d", margin_s, step)
+    dtype = run.amp_dtype if cfg.train.amp_eval else None
+    models = ({"val_raw": run.model} if run.ema is not None else {}) | {"val": run.deployed}
+    metrics: dict[str, float] = {}
+    for prefix, model in models.items():
+        val = runtime.val_batches()
+        if val is None:
+            return {}
+        predictions = predict_batches(model, run.postprocessors["bbox"], val, device=runtime.device, amp_dtype=dtype)
+        metrics.update({f"{prefix}/{k}": v for k, v in runtime.evaluate(predictions).items()})
+    return metrics
 
 
 class DivergenceGuard:
@@ -370,60 +362,6 @@ def remaining_steps(cfg: Config, state: TrainState, world_size: int, accum: int)
     return min(steps, max(0, cap - state.batches_done)) if cap > 0 else steps
 
 
-class DataStallError(DataError):
-    """No batch arrived within `data.watchdog_s`; the message names the likely cause and what to change."""
-
-
-def watched(batches: Iterable[dict], timeout_s: float) -> Iterator[dict]:
-    """`batches`, pulled by a helper thread, raising DataStallError when none comes within `timeout_s`.
-
-    The iterator is created here, in the caller's thread, so that what it draws from the generators (a
-    DataLoader draws its workers' seeds) stays in the same order as without the watchdog.
-    """
-    iterator = iter(batches)
-    if timeout_s <= 0:
-        yield from iterator
-        return
-    done = object()
-    queue: Queue = Queue(maxsize=2)
-
-    def pull() -> None:
-        try:
-            for batch in iterator:
-                queue.put((batch, None))
-            queue.put((done, None))
-        except BaseException as err:  # handed to the consumer, which raises it
-            queue.put((done, err))
-
-    threading.Thread(target=pull, name="ddetr-batches", daemon=True).start()
-    while True:
-        try:
-            batch, err = queue.get(timeout=timeout_s)
-        except Empty:
-            raise DataStallError(
-                f"no training batch for {timeout_s:g} s (data.watchdog_s). The likely cause: the data tasks get no "
-                "CPU, because the training workers hold them (train.num_workers x train.cpus_per_worker + "
-                "data.map_cpus above the cluster's CPUs): lower train.cpus_per_worker (0 derives it) or "
-                "data.map_cpus, or add nodes. On slow storage, raise data.watchdog_s"
-            ) from None
-        if err is not None:
-            raise err
-        if batch is done:
-            return
-        yield batch
-
-
-def step_groups(batches: Iterable[dict], accum: int, steps_left: int) -> Iterator[tuple[list[dict], float]]:
-    """(micro-batches of one optimizer step, seconds spent waiting for them), at most `steps_left` times."""
-    iterator = iter(batches)
-    for _ in range(max(0, steps_left)):
-        tick = time.perf_counter()
-        group = list(itertools.islice(iterator, accum))
-        if not group:
-            return
-        yield group, time.perf_counter() - tick
-
-
 def checkpoint(cfg: Config, runtime: Runtime, run: Training, metrics: dict[str, Any]) -> None:
     """Write the run's checkpoint (rank 0) and report it with `metrics` through the runtime (every rank).
 
@@ -440,8 +378,11 @@ def checkpoint(cfg: Config, runtime: Runtime, run: Training, metrics: dict[str, 
 
 
 def summary(metrics: dict[str, Any]) -> str:
-    keys = ("train/loss", "loss_ce", "loss_bbox", "loss_giou", "val/AP", "val/AP50", "val/AP75", "train/step_s")
-    return ", ".join(f"{k.removeprefix('train/')} {metrics[k]:.4g}" for k in keys if k in metrics)
+    keys = ("train/loss", "loss_ce", "loss_bbox", "loss_giou", "val/AP", "val/AP50", "val/AP75", "val_raw/AP",
+            "train/step_s", "train/skipped_steps", "data/skipped_images")  # fmt: skip
+    counts = ("train/skipped_steps", "data/skipped_images")  # shown only when some were skipped
+    shown = [k for k in keys if k in metrics and (k not in counts or metrics[k])]
+    return ", ".join(f"{k.removeprefix('train/')} {metrics[k]:.4g}" for k in shown)
 
 
 def epoch_metrics(sums: dict[str, float], steps: int) -> dict[str, float]:
