@@ -1,7 +1,9 @@
 """The `ddetr` command line. Thin: it parses, builds a config and calls the library.
 
 ddetr demo                                   the main job: synthetic data, Ray training, results folder
-ddetr train --preset tiny --data DIR [--engine ray|local] [section.field=value ...]
+ddetr train --preset tiny [--config FILE] --data DIR [--engine ray|local] [section.field=value ...]
+ddetr config [--preset P] [--config FILE] [section.field=value ...]   the resolved config as YAML, every key
+ddetr config --reference                     every key, its default and meaning (docs/config.md)
 ddetr eval --checkpoint PATH --data DIR
 ddetr predict --checkpoint PATH IMAGE... --out DIR
 ddetr predict --checkpoint PATH --shards DIR --out DIR   batch inference with a Ray Data actor pool
@@ -59,6 +61,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(args.preset, args.data, args.overrides, args.config or "")
     metrics = train(cfg, engine=args.engine, resume=args.resume)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from ddetr.config_text import config_yaml, reference_markdown
+
+    if args.reference:
+        print(reference_markdown(), end="")
+        return 0
+    # Unnamed unless the user names it: a saved file then starts a new run each time, as the command line would.
+    cfg = build_config(args.preset, args.data, args.overrides, args.config or "", name_run=False)
+    print(config_yaml(cfg), end="")
     return 0
 
 
@@ -187,6 +201,26 @@ def cmd_op_build(args: argparse.Namespace) -> int:
     return 0
 
 
+CONFIG_EPILOG = (
+    "Every config key, its default and meaning: docs/config.md (or `ddetr config --reference`). The config these "
+    "arguments resolve to: `ddetr config` with the same --preset/--config/--data and overrides; `ddetr train` writes "
+    "it to config.yaml in the run folder."
+)
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """--preset, --config, --data and the overrides: the inputs of `build_config`, in the order it applies them."""
+    presets = ", ".join(PRESETS)
+    p.add_argument("--preset", help=f"one of: {presets} (default: the config file's, else deformable_detr)")
+    p.add_argument(
+        "--config",
+        help="a YAML (or JSON) config file: preset: and the keys that differ (`ddetr config` prints a full one), or a "
+        "full JSON config such as a sweep's best_config.json",
+    )
+    p.add_argument("--data", help="folder with train/ and val/ shards (or DIR/shards/...)")
+    p.add_argument("overrides", nargs="*", default=[], help="section.key=value, after the file: train.epochs=2")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddetr", description="Deformable DETR on Ray")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -195,14 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     overrides = {"nargs": "*", "default": [], "help": "config overrides, e.g. train.epochs=2 model.num_queries=100"}
 
-    p = sub.add_parser("train", help="train a model")
-    p.add_argument("--preset", default="deformable_detr", help=f"one of: {', '.join(PRESETS)}")
-    p.add_argument("--config", help="a JSON config file (Config.to_json()); replaces --preset")
-    p.add_argument("--data", help="folder with train/ and val/ shards (or DIR/shards/...)")
+    p = sub.add_parser("train", help="train a model", epilog=CONFIG_EPILOG)
+    add_config_arguments(p)
     p.add_argument("--engine", default="ray", choices=["ray", "local"], help="Ray Train, or this process alone")
     p.add_argument("--resume", help="checkpoint folder to start from (a run folder: its latest checkpoint)")
-    p.add_argument("overrides", **overrides)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "config", help="print the resolved config as YAML, every key (--config reads it back)", epilog=CONFIG_EPILOG
+    )
+    add_config_arguments(p)
+    p.add_argument("--reference", action="store_true", help="print the reference of every key instead (docs/config.md)")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("eval", help="COCO metrics of a checkpoint on a validation split")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)

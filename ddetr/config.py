@@ -1,10 +1,15 @@
-"""Typed configuration: dataclasses with the official defaults, flat overrides and the paper's presets.
+"""Typed configuration: dataclasses with the official defaults, the paper's presets, flat overrides, config files.
 
 The defaults are those of the official release's `main.py` (COCO, ResNet-50, 4 levels, 300 queries).
 `Config.to_dict()` is plain JSON (it becomes Ray's `train_loop_config` and is saved in checkpoints) and
 `Config.from_dict` reads it back. Overrides are flat `section.field=value` strings:
 
     cfg = apply_overrides(get_preset("box_refine"), ["model.num_queries=100", "loss.cls_loss_coef=3"])
+    cfg = build_config(config_file="exp.yaml", data="data/coco", overrides=["train.epochs=12"])  # a run's config
+
+A config file is YAML (or JSON) naming a `preset:` and the keys that differ from it (`read_config_file`). The
+comment beside each field is its documentation: `ddetr.config_text` turns them into the commented YAML of a
+resolved config and into docs/config.md, so every field needs one.
 
 Every mistake in a configuration raises a `ConfigError` (a ValueError; an unknown key or preset is also a
 KeyError) whose message names the key and, for a misspelt name, the closest known one.
@@ -12,6 +17,7 @@ KeyError) whose message names the key and, for a misspelt name, the closest know
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -49,7 +55,7 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"  # one of BACKBONES; 18/34 are for small CPU runs
+    backbone: str = "resnet50"  # resnet18, resnet34, resnet50 or resnet101 (torchvision); 18 and 34 for small CPU runs
     dilation: bool = False  # DC5: dilate the last stage (stride 16 instead of 32)
     # "imagenet" (torchvision's ImageNet-1k file, fetched once into the torch hub cache), a local .pth path or a
     # URL; "none" (or None): random init, and then no backbone stage is frozen. The paper starts from ImageNet.
@@ -59,23 +65,25 @@ class ModelConfig:
     backbone_norm: str = "frozen_bn"
     # Fine-tune from: an official .pth, a ddetr checkpoint folder or a Hugging Face model folder (weights only).
     init_from: str = ""
-    num_feature_levels: int = 4  # 1: single scale (C5 only); >1: C3-C5 plus strided extra levels
-    d_model: int = 256
-    enc_layers: int = 6
-    dec_layers: int = 6
-    dim_feedforward: int = 1024
-    dropout: float = 0.1
-    nheads: int = 8
-    dec_n_points: int = 4
-    enc_n_points: int = 4
-    num_queries: int = 300  # also the number of proposals kept in two-stage mode
-    with_box_refine: bool = False
-    two_stage: bool = False
+    num_feature_levels: int = 4  # 1: single scale (C5 only); >= 3: C3-C5 plus strided extra levels
+    d_model: int = 256  # width of every feature and query in the transformer
+    enc_layers: int = 6  # encoder layers
+    dec_layers: int = 6  # decoder layers
+    dim_feedforward: int = 1024  # hidden width of each layer's feed-forward network
+    dropout: float = 0.1  # dropout in the transformer layers
+    nheads: int = 8  # attention heads (d_model must divide by it)
+    dec_n_points: int = 4  # sampling points per head and feature level in the decoder's deformable attention
+    enc_n_points: int = 4  # sampling points per head and feature level in the encoder's deformable attention
+    num_queries: int = 300  # object queries (detections per image); also the proposals kept in two-stage mode
+    with_box_refine: bool = False  # iterative box refinement: each decoder layer refines the boxes of the one before
+    two_stage: bool = False  # the encoder proposes the decoder's first boxes (needs with_box_refine)
     # Two-stage: the IoU above which a proposal is set aside for a better-scoring one before the decoder gets its
     # num_queries (greedy NMS over the encoder's proposals); 0 keeps the plain top-k of the paper.
     proposal_nms: float = 0.0
-    aux_loss: bool = True
-    num_classes: int = 91  # COCO's raw category ids go up to 90; the official release uses 91 logits
+    aux_loss: bool = True  # a loss on every decoder layer's output, not only the last one's
+    # Classifier outputs: the largest category id + 1 (`--data` sets it from the dataset). COCO's raw ids go up to 90:
+    # the official release uses 91.
+    num_classes: int = 91
     # Multi-scale deformable attention backend for every layer: None (environment's choice), "reference", "cpp",
     # "gather" (see ddetr.ops.ms_deform_attn.select_backend).
     msda_backend: str | None = None
@@ -111,15 +119,13 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    # Matching costs of the Hungarian matcher.
-    set_cost_class: float = 2.0
-    set_cost_bbox: float = 5.0
-    set_cost_giou: float = 2.0
-    # Loss weights.
-    cls_loss_coef: float = 2.0
-    bbox_loss_coef: float = 5.0
-    giou_loss_coef: float = 2.0
-    focal_alpha: float = 0.25
+    set_cost_class: float = 2.0  # Hungarian matcher: weight of the classification cost
+    set_cost_bbox: float = 5.0  # Hungarian matcher: weight of the L1 box cost
+    set_cost_giou: float = 2.0  # Hungarian matcher: weight of the generalized IoU cost
+    cls_loss_coef: float = 2.0  # weight of the focal classification loss
+    bbox_loss_coef: float = 5.0  # weight of the L1 box loss
+    giou_loss_coef: float = 2.0  # weight of the generalized IoU loss
+    focal_alpha: float = 0.25  # alpha of the focal classification loss
     # The class cost of the matcher has its own alpha: the official matcher fixes it at 0.25 whatever the loss uses.
     matcher_focal_alpha: float = 0.25
 
@@ -129,9 +135,11 @@ class DataConfig:
     train: str = ""  # shard directory (or URI) of the training split; "" for none
     val: str = ""  # shard directory (or URI) of the validation split; "" for none
     scale: float = 1.0  # multiplies every transform size of the paper (0.2: shorter sides 96..160 for CPU runs)
-    # Training augmentation. The paper's: each image resized to a random shorter side (multi_scale) and, with
-    # probability crop_p, a random crop first; short schedules fit faster without both (the demo).
+    # Training: the probability of a random crop before the resize (the paper's 0.5; 0: never). Short schedules fit
+    # faster without crops and multi_scale (the demo).
     crop_p: float = 0.5
+    # Training: each image resized to a random shorter side (the paper's 480..800, times scale); false: every image
+    # at the validation size.
     multi_scale: bool = True
     loader_workers: int = 2  # DataLoader processes of the single-process engine
     map_cpus: float = 0.5  # CPUs per Ray Data decode task: below 1 so that 2-CPU machines do not starve
@@ -148,17 +156,17 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 50
+    epochs: int = 50  # passes over the training split
     lr_drop: int = 40  # epoch at which every learning rate is multiplied by 0.1
     batch_size: int = 2  # images per worker and micro-batch
     # Images per optimizer step over all workers, reached by gradient accumulation; 0: batch_size x workers.
     # The official results use 32 (8 GPUs x 2 images x 2 nodes); smaller totals are reported to cost AP.
     total_batch_size: int = 0
-    lr: float = 2e-4
-    lr_backbone: float = 2e-5
+    lr: float = 2e-4  # AdamW learning rate of the transformer and the heads
+    lr_backbone: float = 2e-5  # learning rate of the backbone; 0 freezes it
     lr_linear_proj_mult: float = 0.1  # sampling_offsets and reference_points learn 10x slower
-    weight_decay: float = 1e-4
-    clip_max_norm: float = 0.1
+    weight_decay: float = 1e-4  # AdamW weight decay
+    clip_max_norm: float = 0.1  # gradients clipped to this total norm; 0: no clipping
     # A step whose gradient norm is NaN or infinite is skipped (weights, optimizer and EMA untouched); this many in
     # a row stop the run with NonFiniteLossError: one bad batch is survived, a diverged model is not trained on.
     max_nonfinite_steps: int = 3
@@ -168,15 +176,14 @@ class TrainConfig:
     # step; for k times the total batch use decay ** k (the same span in images). See ddetr/train/ema.py.
     ema_decay: float = 0.0
     ema_warmup_steps: int = 2000  # the decay ramps up as 1 - exp(-step / ema_warmup_steps)
-    seed: int = 42
+    seed: int = 42  # seeds the initialization, the data order and the augmentation
     eval_every: int = 1  # epochs between COCO evaluations (the last epoch is always evaluated)
     checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps inside an epoch (0: per epoch only)
-    keep_checkpoints: int = 2  # best by val AP, plus the latest
+    keep_checkpoints: int = 2  # checkpoints kept: this many best by val/AP, plus the latest
     max_steps_per_epoch: int = 0  # cut epochs short (smoke tests); 0: whole epochs
     log_every: int = 10  # optimizer steps between console progress lines
-    # Ray Train
-    # Workers; -1: one per GPU when the cluster has or can add GPUs (at most 8), else 2 CPU workers. 0: the loop runs
-    # in the driver process (debugging). Decided from what the cluster can become (ddetr/train/resources.py).
+    # Ray Train workers; -1: one per GPU when the cluster has or can add GPUs (at most 8), else 2 CPU workers. 0: the
+    # loop runs in the driver process (debugging). Decided from what the cluster can become (ddetr/train/resources.py).
     num_workers: int = -1
     min_workers: int = 0  # > 0: elastic, starts with at least min_workers and grows to num_workers
     elastic_resize_interval_s: float = 60.0  # elastic: how often Ray checks whether more workers fit now
@@ -189,7 +196,7 @@ class TrainConfig:
     # Worker-group starts that may fail (e.g. waiting for nodes) before the run gives up, each waiting up to
     # worker_start_timeout_s: 60 x 60 s lets a cold cluster take an hour to bring its GPU nodes up.
     controller_failure_limit: int = 60
-    worker_start_timeout_s: float = 60.0
+    worker_start_timeout_s: float = 60.0  # how long one worker-group start waits for its workers
     storage_path: str = "runs"  # local folder or URI (s3://, gs://) for checkpoints and results
     # How rank 0 hands a checkpoint to Ray Train: "sync" (every rank waits for the upload), "async" (training goes on
     # while it uploads), "auto": async to object storage, sync to a local folder.
@@ -257,26 +264,46 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _convert(text: str, annotation: Any, key: str) -> Any:
-    """Parse an override's text into the field's type (bool, int, float, str, or Optional of one)."""
-    args = typing.get_args(annotation)
+def _value_of(value: Any, annotation: Any) -> Any:
+    """`value` as a field of type `annotation` (bool, int, float, str, or Optional of one).
+
+    Text (an override, or what YAML reads as text) is parsed: "2e-4", "true". A scalar read from YAML or JSON is
+    checked: an int is a float too, a bool or a number is text ("use_gpu: true"). Raises ValueError naming the type
+    expected.
+    """
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        if type(None) in args and text.lower() in ("none", "null"):
+        args = typing.get_args(annotation)
+        if type(None) in args and value is None:
             return None
         (annotation,) = [a for a in args if a is not type(None)]
+    if annotation not in (bool, int, float, str):
+        raise ConfigError(f"fields of type {annotation} cannot be set from text")
+    if isinstance(value, str):
+        if annotation is not bool:
+            with contextlib.suppress(ValueError):
+                return annotation(value)
+        elif value.lower() in ("true", "1", "yes", "on"):
+            return True
+        elif value.lower() in ("false", "0", "no", "off"):
+            return False
+    elif isinstance(value, bool):
+        if annotation in (bool, str):
+            return value if annotation is bool else str(value).lower()
+    elif isinstance(value, (int, float)) and annotation is not bool:
+        if annotation is not int or isinstance(value, int):  # 2.5 is no int
+            return annotation(value)
+    raise ValueError(f"expected a value of type {annotation.__name__}")
+
+
+def _convert(text: str, annotation: Any, key: str) -> Any:
+    """Parse an override's text into the field's type (bool, int, float, str, or Optional of one)."""
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+        annotation
+    )
     try:
-        if annotation is bool:
-            lowered = text.lower()
-            if lowered in ("true", "1", "yes", "on"):
-                return True
-            if lowered in ("false", "0", "no", "off"):
-                return False
-            raise ValueError(text)
-        if annotation in (int, float, str):
-            return annotation(text)
-    except ValueError:
-        raise ConfigError(f"override {key}={text!r}: expected a value of type {annotation.__name__}") from None
-    raise ConfigError(f"override {key}: fields of type {annotation} cannot be set from the command line")
+        return _value_of(None if optional and text.lower() in ("none", "null") else text, annotation)
+    except ValueError as e:
+        raise ConfigError(f"override {key}={text!r}: {e}") from None
 
 
 def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
@@ -387,24 +414,119 @@ def split_dirs(data: str) -> tuple[str, str]:
     return (str(train) if train.exists() else "", str(val) if val.exists() else "")
 
 
-def load_config_file(path: str) -> Config:
-    """A config saved as JSON (`Config.to_json()`, e.g. a sweep's best configuration or a checkpoint's)."""
+def read_config_file(path: str, preset: str | None = None) -> tuple[Config, str]:
+    """A config file read onto its base: (the config, the name a new run is named after: the base preset's; for a
+    full config `preset`, else "run").
+
+    The file (YAML, or JSON when it ends in .json) is a mapping of sections to the keys that differ from a base:
+
+        preset: two_stage          # the base (default: `preset`, else deformable_detr)
+        model: {num_queries: 100}
+
+    A file without `preset:` that holds every section is a full config (`Config.to_json()`, a checkpoint's
+    config.json, a sweep's best_config.json): its keys go onto the dataclass defaults.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, an unknown or ill-typed key, a bad combination, or a preset
+            other than `preset`; the message names the file and the key.
+    """
+    where = f"config file {path}"
+    values = _read_mapping(path, where)
+    named_preset = values.pop("preset", None)
+    if named_preset is not None and not isinstance(named_preset, str):
+        raise ConfigError(f"{where}: preset must be a preset's name ({', '.join(PRESETS)}), got {named_preset!r}")
+    if named_preset and preset and named_preset != preset:
+        raise ConfigError(f"{where} names preset {named_preset} but --preset {preset} was given: keep one of them")
+    sections = [f.name for f in dataclasses.fields(Config)]
+    if named_preset is None and set(sections) <= set(values):
+        base, base_name = Config(), preset or "run"
+    else:
+        base_name = named_preset or preset or "deformable_detr"
+        try:
+            base = get_preset(base_name)
+        except UnknownNameError as e:
+            raise UnknownNameError(f"{where}: {e}") from None
+    return _merge(base, values, where), base_name
+
+
+def _read_mapping(path: str, where: str) -> dict[str, Any]:
+    """The file's top-level mapping ({} for an empty file); unreadable or malformed text is a ConfigError."""
+    import yaml
+
     try:
-        return Config.from_dict(json.loads(io.read_text(path)))
-    except (OSError, ValueError, TypeError) as e:  # ConfigError is a ValueError
-        raise ConfigError(f"cannot read config file {path}: {e}") from e
+        text = io.read_text(path)
+    except FileNotFoundError:
+        raise ConfigError(f"cannot read config file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:
+        values = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"cannot read config file {path}: not valid JSON: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"cannot read config file {path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections (model:, train:, ...), got {type(values).__name__}")
+    return {str(k): v for k, v in values.items()}
+
+
+def _merge(base: Config, values: dict[str, Any], where: str) -> Config:
+    """`base` with a file's `{section: {key: value}}` set on it, each value checked against its field's type."""
+    sections = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    merged: dict[str, Any] = {}
+    yaml_booleans = []  # text fields given an unquoted on/off/yes/no, which YAML reads as a boolean
+    for name, items in values.items():
+        if name not in sections:
+            owner = [s for s in sections if name in _field_types(type(sections[s]))]
+            hint = f" (put it under {owner[0]}:)" if owner else did_you_mean(name, sections)
+            raise UnknownNameError(f"{where}: unknown section {name!r}{hint}")
+        if not isinstance(items, dict):
+            raise ConfigError(f"{where}: section {name} must be a mapping of keys to values, got {items!r}")
+        hints = _field_types(type(sections[name]))
+        changes = {}
+        for key, value in items.items():
+            full = f"{name}.{key}"
+            if key not in hints:
+                suggestion = did_you_mean(full, [f"{name}.{k}" for k in hints])
+                raise UnknownNameError(f"{where}: unknown key {full}{suggestion}")
+            try:
+                changes[key] = _value_of(value, hints[key])
+            except ValueError as e:
+                raise ConfigError(f"{where}: {full}: {e}, got {value!r}") from None
+            if isinstance(value, bool) and hints[key] is str:
+                yaml_booleans.append(full)
+        try:  # dataclasses.replace re-runs __post_init__: a bad value or combination is found here
+            merged[name] = dataclasses.replace(sections[name], **changes)
+        except ConfigError as e:
+            hint = f" ({', '.join(yaml_booleans)}: YAML reads unquoted on/off/yes/no as booleans; quote them)"
+            raise ConfigError(f"{where}: {e}{hint if yaml_booleans else ''}") from None
+    return dataclasses.replace(base, **merged)
 
 
 def build_config(
-    preset: str = "deformable_detr", data: str | None = None, overrides: Iterable[str] = (), config_file: str = ""
+    preset: str | None = None,
+    data: str | None = None,
+    overrides: Iterable[str] = (),
+    config_file: str = "",
+    *,
+    name_run: bool = True,
 ) -> Config:
-    """The config of a run: a preset (or a config file), its data folders and their class count, then overrides.
+    """The config of a run: a preset or a config file on it, its data folders and their class count, then overrides.
 
-    `data` is a folder holding train/ and val/ shards (or DIR/shards/...); its dataset.json gives
-    `model.num_classes`. Overrides come last, so `model.num_classes=...` still wins.
+    `preset` defaults to the config file's `preset:`, else deformable_detr. `data` is a folder holding train/ and
+    val/ shards (or DIR/shards/...); its dataset.json gives `model.num_classes`. Overrides come last, so
+    `model.num_classes=...` still wins. With `name_run`, an unnamed run is named `<preset>-<time>` (a new folder);
+    without, `train.name` stays as given (`ddetr config`: a saved file then starts a new run each time).
     """
-    cfg = load_config_file(config_file) if config_file else get_preset(preset)
-    cfg = named(cfg, preset if not config_file else "run")
+    if config_file:
+        cfg, base_name = read_config_file(config_file, preset)
+    else:
+        base_name = preset or "deformable_detr"
+        cfg = get_preset(base_name)
     defaults = []
     if data:
         train, val = split_dirs(data)
@@ -414,4 +536,5 @@ def build_config(
         from ddetr.data.shards import read_metadata
 
         defaults.append(f"model.num_classes={read_metadata(train or val).num_classes}")
-    return apply_overrides(cfg, [*defaults, *overrides])
+    cfg = apply_overrides(cfg, [*defaults, *overrides])
+    return named(cfg, base_name) if name_run else cfg

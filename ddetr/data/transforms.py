@@ -15,15 +15,21 @@ geometry in original coordinates, so they stay exact whatever scale the decoder 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from ddetr.config import DataConfig
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class AugmentationSettings(Protocol):
+    """What the training transforms read of a run's config: `ddetr.config.DataConfig` has these fields (described
+    there). A protocol, so that the data package does not import the config it is configured by."""
+
+    scale: float
+    crop_p: float
+    multi_scale: bool
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class TransformConfig:
         )
 
     @classmethod
-    def for_training(cls, data: DataConfig) -> TransformConfig:
+    def for_training(cls, data: AugmentationSettings) -> TransformConfig:
         """The training run's transforms: the paper's at `data.scale`, with the crop branch taken with probability
         `data.crop_p` and, without `data.multi_scale`, every training image resized as for validation."""
         t = replace(cls().scaled(data.scale), crop_p=data.crop_p)

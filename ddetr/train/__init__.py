@@ -31,27 +31,32 @@ def train(cfg: Config, engine: str = "ray", resume: str | None = None) -> dict[s
         resume: a checkpoint folder to start from (a run folder: its latest checkpoint). Without it, a run whose
             storage path and name already hold checkpoints continues from the latest one.
 
+    The run folder (`train.storage_path/train.name`) holds `config.yaml` (the resolved config) and `log.txt` (the
+    driver's console log) from the moment the checks pass, before Ray starts.
+
     Raises:
         ConfigError, FileNotFoundError: a mistake in the config or in the paths it names, found here before any
             worker starts (`ddetr.train.preflight`).
     """
     from ddetr.config import named
     from ddetr.train.preflight import preflight
+    from ddetr.train.run_files import run_files
 
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
     cfg = named(cfg)
     resume = preflight(cfg, resume)
-    if engine == "local":
-        from ddetr.train.local import LocalRuntime
-        from ddetr.train.loop import fit
+    # The run folder explains itself from here on: config.yaml, and log.txt of the console (ddetr/train/run_files.py).
+    with run_files(cfg, engine):
+        if engine == "local":
+            from ddetr.train.local import LocalRuntime
+            from ddetr.train.loop import fit
 
-        runtime = LocalRuntime(cfg, resume=resume)
-        try:
-            return fit(cfg, runtime)
-        finally:
-            runtime.close()
-    if engine == "ray":
+            runtime = LocalRuntime(cfg, resume=resume)
+            try:
+                return fit(cfg, runtime)
+            finally:
+                runtime.close()
         from ddetr.train.ray_train import build_trainer, check_result, init_local_ray, plan_run
 
         init_local_ray()
@@ -60,7 +65,6 @@ def train(cfg: Config, engine: str = "ray", resume: str | None = None) -> dict[s
         metrics = check_result(result)
         log.info("run stored at %s", result.path)
         return metrics
-    raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
 
 
 def __getattr__(name: str) -> Any:
