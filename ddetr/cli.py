@@ -8,7 +8,9 @@ ddetr eval --checkpoint PATH --data DIR
 ddetr predict --checkpoint PATH IMAGE... --out DIR
 ddetr predict --checkpoint PATH --shards DIR --out DIR   batch inference with a Ray Data actor pool
 ddetr data synth --out DIR [--images N]
-ddetr data convert --images DIR --annotations FILE.json --out DIR [--strict]
+ddetr data convert --images DIR --annotations FILE.json --out DIR [--strict]     a COCO split
+ddetr data convert --format yolo|voc --source DIR --out DIR [--names FILE|a,b] [--split S]   OUT/<split>/ each
+ddetr data check DIR                         a split's boxes per class, image sizes, boxes per image, box sizes
 ddetr export --format hf CHECKPOINT DIR      a Hugging Face DeformableDetrForObjectDetection folder
 ddetr export --format onnx CHECKPOINT OUT.onnx [--top-k 100]   ONNX, dynamic batch and size, optional top-k
 ddetr op build                               prebuild the compiled op (cluster setup commands)
@@ -144,10 +146,32 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ddetr.data.convert import convert_coco
+    if args.format == "coco":
+        from ddetr.data.convert import convert_coco
 
-    summary = convert_coco(args.images, args.annotations, args.out, strict=args.strict, shard_size=args.shard_size)
-    print(summary)
+        if not args.images or not args.annotations or args.source:
+            raise ConfigError("ddetr data convert: a COCO split takes --images DIR and --annotations FILE.json "
+                              "(a YOLO or VOC folder: --format yolo|voc --source DIR)")  # fmt: skip
+        print(convert_coco(args.images, args.annotations, args.out, strict=args.strict, shard_size=args.shard_size))
+        return 0
+    if not args.source or args.images or args.annotations:
+        raise ConfigError(f"ddetr data convert --format {args.format} takes --source DIR, the dataset folder "
+                          "(not --images/--annotations)")  # fmt: skip
+    if args.format == "yolo":
+        from ddetr.data.yolo import convert_yolo as convert
+    else:
+        from ddetr.data.voc import convert_voc as convert
+    splits = [s for arg in args.split for s in arg.split(",") if s] or None
+    summaries = convert(args.source, args.out, names=args.names, splits=splits, strict=args.strict,
+                        shard_size=args.shard_size)  # fmt: skip
+    print("\n".join(map(str, summaries.values())))  # each names its split folder
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from ddetr.data.check import check
+
+    print(check(args.dir))
     return 0
 
 
@@ -274,13 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=int, default=None, help="validation images (default: a fifth of --images)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
-    p = data.add_parser("convert", help="convert a COCO detection dataset into Parquet shards")
-    p.add_argument("--images", required=True, help="image folder (path or URI)")
-    p.add_argument("--annotations", required=True, help="instances json (path or URI)")
-    p.add_argument("--out", required=True, help="shard folder (path or URI)")
+    p = data.add_parser("convert", help="convert a COCO, YOLO or Pascal VOC detection dataset into Parquet shards")
+    p.add_argument("--format", default="coco", choices=["coco", "yolo", "voc"], help="the dataset's format")
+    p.add_argument("--images", help="coco: image folder (path or URI)")
+    p.add_argument("--annotations", help="coco: instances json (path or URI)")
+    p.add_argument("--source", help="yolo: the folder of images/ and labels/; voc: of Annotations/ and JPEGImages/")
+    p.add_argument("--names", help="yolo/voc: class names: classes.txt, a .names file, a data YAML, or a,b,c "
+                   "(default: yolo: found in --source; voc: the sorted object names)")  # fmt: skip
+    p.add_argument("--split", action="append", default=[], help="yolo/voc: a split to convert (repeat, or a,b; "
+                   "default: every one there, but VOC's trainval beside train and val)")  # fmt: skip
+    p.add_argument("--out", required=True, help="coco: the split folder; yolo/voc: a folder per split (path or URI)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     p.add_argument("--shard-size", type=int, default=500, help="images per shard")
     p.set_defaults(func=cmd_convert)
+    p = data.add_parser("check", help="a split's boxes per class, image sizes, boxes per image and box sizes")
+    p.add_argument("dir", help="a split folder (dataset.json), or a folder of splits: each of them")
+    p.set_defaults(func=cmd_check)
 
     from ddetr.jobs import add_arguments as add_submit_arguments
     from ddetr.sweep.options import add_arguments as add_tune_arguments

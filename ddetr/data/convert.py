@@ -75,10 +75,10 @@ class ConvertSummary:
         ]
         if self.skips:
             lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skips.items())))
-            lines += [
-                f"  {e['reason']}: {e['file']} image {e['image_id']} ann {e['ann_id']} {e['field']}: {e['detail']}"
-                for e in self.examples[:5]
-            ]
+            for e in self.examples[:5]:  # what a record lacks (a YOLO line has no image id) is left out
+                ids = [f"{k} {e[f]}" for k, f in (("image", "image_id"), ("ann", "ann_id")) if e[f] is not None]
+                where = " ".join(str(p) for p in (e["file"], *ids, e["field"]) if p)
+                lines.append(f"  {e['reason']}: {where}: {e['detail']}")
         return "\n".join(lines)
 
 
@@ -93,6 +93,8 @@ def convert_coco(
     num_threads: int = 8,
     progress: bool = True,
     row_group_size: int = ROW_GROUP_SIZE,
+    coco: dict[str, Any] | None = None,
+    skips: SkipLog | None = None,
 ) -> ConvertSummary:
     """Convert one COCO split into Parquet shards under ``out``.
 
@@ -106,12 +108,17 @@ def convert_coco(
         num_threads: threads reading and checking image files (Pillow decodes without the GIL).
         progress: draw a progress bar on stderr (a log line per shard is always written).
         row_group_size: images per Parquet row group, the unit a reader fetches (``shards.ROW_GROUP_SIZE``).
+        coco: the annotations as an in-memory COCO dict (``yolo.py`` and ``voc.py`` build one), instead of
+            reading ``annotations``, which then only names their source in messages and the metadata.
+        skips: the log that already counts the skips of building ``coco``, to continue it (else a new one).
     Returns:
         a ``ConvertSummary`` (also logged).
     """
     start = time.perf_counter()
-    skips = SkipLog(strict=strict)
-    coco = _read_json(annotations)
+    skips = skips if skips is not None else SkipLog(strict=strict)
+    # What makes an existing shard reusable: the same annotation content (file or dict) and the same chunking.
+    sha1 = _fingerprint(annotations) if coco is None else hashlib.sha1(json.dumps(coco).encode()).hexdigest()
+    coco = _read_json(annotations) if coco is None else coco
     categories = check_categories(coco.get("categories"), skips, annotations)
     records = check_images(coco.get("images"), skips, annotations)
     anns, clipped = check_annotations(
@@ -120,8 +127,7 @@ def convert_coco(
     del coco
     ids = sorted(records)
     chunks = [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
-    # What makes an existing shard reusable: the same annotation content and the same chunking.
-    key = {"annotations_sha1": _fingerprint(annotations), "shard_size": shard_size}
+    key = {"annotations_sha1": sha1, "shard_size": shard_size}
 
     out_fs, out_root = resolve(out)
     out_fs.create_dir(out_root, recursive=True)
