@@ -223,7 +223,7 @@ def test_imagenet_weights_load_from_a_file_and_errors_are_clear(tmp_path, monkey
         build_backbone("resnet34", 64, multi_scale=True, pretrained=str(path))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     with pytest.raises(RuntimeError, match="could not download"):
-        build_backbone("resnet18", 64, multi_scale=True, pretrained="http://127.0.0.1:9/resnet18-unreachable.pth")
+        build_backbone("resnet18", 64, multi_scale=True, pretrained="https://127.0.0.1:9/resnet18-unreachable.pth")
 
 
 def test_box_refinement_blocks_the_gradient_at_the_previous_box():

@@ -83,11 +83,11 @@ def test_asha_rungs_in_the_bucket_outlive_the_local_folder(s3_dir) -> None:  # n
         sched.on_trial_add(None, trial)
         return sched.on_trial_result(None, trial, {"epoch": 1, "val/AP": ap})
 
-    first = scheduler(f"{s3_dir}/sweep/asha_state.pkl")
+    first = scheduler(f"{s3_dir}/sweep/asha_state.json")
     assert result(first, "a", 0.5) == result(first, "b", 0.6) == TrialScheduler.CONTINUE
-    assert io.exists(f"{s3_dir}/sweep/asha_state.pkl")
-    assert result(scheduler(f"{s3_dir}/sweep/asha_state.pkl"), "c", 0.1) == TrialScheduler.STOP
-    assert result(scheduler(f"{s3_dir}/elsewhere/asha_state.pkl"), "c", 0.1) == TrialScheduler.CONTINUE
+    assert io.exists(f"{s3_dir}/sweep/asha_state.json")
+    assert result(scheduler(f"{s3_dir}/sweep/asha_state.json"), "c", 0.1) == TrialScheduler.STOP
+    assert result(scheduler(f"{s3_dir}/elsewhere/asha_state.json"), "c", 0.1) == TrialScheduler.CONTINUE
 
 
 def test_checkpoints_upload_asynchronously_to_object_storage_only(s3_dir) -> None:  # noqa: F811

@@ -119,7 +119,7 @@ def test_asha_rungs_survive_a_restored_sweep(tmp_path: Path) -> None:
     from ddetr.sweep.asha import ResumableASHA
 
     asha = ResumableASHA(
-        tmp_path / "asha.pkl", time_attr="epoch", metric="val/AP", mode="max", max_t=2, grace_period=1,
+        tmp_path / "asha_state.json", time_attr="epoch", metric="val/AP", mode="max", max_t=2, grace_period=1,
         reduction_factor=2,
     )  # fmt: skip
     pristine = pickle.dumps(asha)  # what Tune keeps in the sweep folder: the scheduler as the sweep started
@@ -133,8 +133,40 @@ def test_asha_rungs_survive_a_restored_sweep(tmp_path: Path) -> None:
 
     assert behind_after_restore(pickle.loads(pristine)) == TrialScheduler.STOP
     forgetful = pickle.loads(pristine)
-    forgetful._state_file = str(tmp_path / "missing.pkl")  # Tune's own restore: empty rungs, nothing to compare
+    forgetful._state_file = str(tmp_path / "missing.json")  # Tune's own restore: empty rungs, nothing to compare
     assert behind_after_restore(forgetful) == TrialScheduler.CONTINUE
+
+
+def test_a_sweeps_default_name_follows_its_inputs_and_a_named_one_keeps_them(tmp_path: Path, capsys) -> None:
+    from ddetr import cli
+    from ddetr.sweep.inputs import INPUTS_FILE, SweepInputs, check_inputs
+
+    space = load_space(TEST_SPACE)
+
+    def inputs(*overrides: str, data: str = "data/synth") -> SweepInputs:
+        return SweepInputs.of("tiny", data, space, list(overrides))
+
+    base = inputs("train.epochs=2", "data.scale=0.2")
+    assert base.default_name(TEST_SPACE) == f"tiny_asha_space_{base.digest()}" and len(base.digest()) == 6
+    assert inputs("data.scale=0.2", "train.epochs=2").default_name(TEST_SPACE) == base.default_name(TEST_SPACE)
+    assert inputs("train.epochs=3", "data.scale=0.2").default_name(TEST_SPACE) != base.default_name(TEST_SPACE)
+    assert inputs("train.epochs=2", "data.scale=0.2", data="other").digest() != base.digest()
+
+    folder = str(tmp_path / "tune" / "named")
+    check_inputs(folder, base, has_sweep=False)  # a new sweep: its inputs recorded
+    check_inputs(folder, inputs("data.scale=0.2", "train.epochs=2"), has_sweep=True)  # the same: continued
+    with pytest.raises(ConfigError, match=r"override train.epochs: 2 then, 3 now; override train.lr: unset then"):
+        check_inputs(folder, inputs("train.epochs=3", "data.scale=0.2", "train.lr=1e-3"), has_sweep=True)
+
+    # The command line refuses it before any Ray starts (Tune's tuner.pkl marks the folder as holding a sweep; it
+    # is never read here).
+    Path(folder, "tuner.pkl").write_bytes(b"")
+    argv = ["tune", "--data", "data/synth", "--space", str(TEST_SPACE), "--name", "named", "--storage",
+            str(tmp_path / "tune"), "data.scale=0.2", "train.epochs=4"]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: the sweep in {folder} was started with other inputs"), err
+    assert f"override train.epochs: 2 then, 4 now; see {Path(folder, INPUTS_FILE)}" in err[0]
 
 
 # ---- sweeps on Ray ---------------------------------------------------------------------------------------------
@@ -238,7 +270,7 @@ def test_continued_sweep_did_not_rerun_finished_trials(sweep: tuple[Path, dict[s
     for trial, reports in finished.items():
         assert _reports(folder, trial) == reports, f"trial {trial} finished before the interruption but ran again"
         assert len(list((folder / "runs" / trial).glob("checkpoint_*"))) >= 1  # its Train run, named by trial id
-    assert (folder / "asha_state.pkl").exists()
+    assert (folder / "asha_state.json").exists()
 
 
 @pytest.mark.ray

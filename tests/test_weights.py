@@ -109,7 +109,7 @@ def test_load_backbone_weights_false_fetches_nothing_and_freezes_the_same(monkey
     def no_fetch(*args, **kwargs):
         raise AssertionError("ImageNet weights were fetched")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_fetch)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_fetch)
     cfg = small("two_stage")  # "imagenet"
     model = build_model(cfg, load_backbone_weights=False)[0]
     params = backbone_params(model)
@@ -120,7 +120,7 @@ def test_load_backbone_weights_false_fetches_nothing_and_freezes_the_same(monkey
 
 def test_unreachable_imagenet_weights_give_one_line_saying_what_to_pass(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
-    cfg = small("deformable_detr", "model.pretrained_backbone=http://127.0.0.1:9/resnet18-f37072fd.pth")
+    cfg = small("deformable_detr", "model.pretrained_backbone=https://127.0.0.1:9/resnet18-f37072fd.pth")
     with pytest.raises(RuntimeError, match="could not download") as e:
         build_model(cfg)
     message = str(e.value)
@@ -253,7 +253,7 @@ def test_init_from_a_hf_folder_uses_its_id2label_and_fetches_nothing(tmp_path, m
     def no_fetch(*args, **kwargs):
         raise AssertionError("ImageNet weights were fetched")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_fetch)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_fetch)
     cfg = apply_overrides(src_cfg, ["model.num_classes=3", "model.pretrained_backbone=imagenet"])
     model = build_model(cfg, load_backbone_weights=False)[0]
     init_from(model, str(tmp_path / "hf"), cfg.model, cats(plum=1, kiwi=2))

@@ -2,18 +2,28 @@
 
 Parameter names equal torchvision's ResNet (`conv1`, `bn1`, `layer1.0.conv1`, `...downsample.0`), so its
 ImageNet weights load directly, and under the model they read `backbone.0.body.*` as in the official release.
-Nothing is downloaded unless `build_backbone` is given "imagenet" or a URL and asked to load it.
+Nothing is downloaded unless `build_backbone` is given "imagenet" or a URL and asked to load it. Weights are read
+with `torch.load(weights_only=True)` (tensors and containers only: a pickle that would run code is refused), from
+`https://` only, and checked against the sha256 prefix that torchvision's file names carry.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
+import posixpath
+import re
+import urllib.parse
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddetr.config import ConfigError
 from ddetr.models.position_encoding import PositionEmbeddingSine
 
 # torchvision's ImageNet-1k (V1) weights, the ones the official release trained from.
@@ -23,6 +33,8 @@ IMAGENET_URLS = {
     "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
     "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
 }
+# torchvision names a weights file `<model>-<first 8 or more hex digits of its sha256>.pth`.
+HASHED_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth?$")
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -205,23 +217,16 @@ def load_imagenet_weights(body: ResNet, source: str, name: str) -> None:
     """
     if source.lower() == "imagenet":
         source = IMAGENET_URLS[name]
-    if source.startswith(("http://", "https://")):
-        try:
-            state = torch.hub.load_state_dict_from_url(source, map_location="cpu", progress=False)
-        except Exception as e:  # URLError, HTTPError, socket errors...: all mean "could not fetch"
-            reason = " ".join(str(e).split())  # one line, whatever the network error printed
-            raise RuntimeError(
-                f"could not download the {name} backbone weights from {source} ({reason}); fetch that file "
-                f"elsewhere and pass model.pretrained_backbone=/path/to/{os.path.basename(source)}, or "
-                f"model.pretrained_backbone=none to train from random weights"
-            ) from e
+    if "://" in source:
+        path = fetch_weights(source, name)
     else:
         if not os.path.isfile(source):
             raise FileNotFoundError(
                 f"backbone weights file {source!r} not found; set model.pretrained_backbone to an existing "
-                f"torchvision {name} .pth file, a URL, 'imagenet', or 'none' for random init"
+                f"torchvision {name} .pth file, an https:// URL, 'imagenet', or 'none' for random init"
             )
-        state = torch.load(source, map_location="cpu", weights_only=True)
+        path = Path(source)
+    state = read_weights_file(path, source)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     result = body.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -229,6 +234,87 @@ def load_imagenet_weights(body: ResNet, source: str, name: str) -> None:
             f"backbone weights {source} do not fit {name}: missing {result.missing_keys[:10]}, "
             f"unexpected {result.unexpected_keys[:10]} (is it a torchvision {name} state dict?)"
         )
+
+
+def fetch_weights(url: str, name: str) -> Path:
+    """The weights file at `url` (https:// only), downloaded once into torch's hub cache (`$TORCH_HOME/hub/
+    checkpoints`, where `torch.hub.load_state_dict_from_url` keeps it too), its sha256 checked when its name carries
+    a prefix of it (torchvision's do): on download, and again when found in the cache.
+
+    Raises:
+        ConfigError: not https:// (refused before any request), or a file whose hash is not the one its name gives.
+        RuntimeError: the download failed (the network's error, on one line).
+    """
+    if not url.lower().startswith("https://"):
+        raise ConfigError(
+            f"model.pretrained_backbone={url}: only https:// URLs are fetched (a plain http:// download can be "
+            "replaced on its way); give an https:// URL, or download the file yourself and give its path"
+        )
+    file_name = posixpath.basename(urllib.parse.urlparse(url).path) or f"{name}.pth"
+    cached = Path(torch.hub.get_dir(), "checkpoints", file_name)
+    if cached.is_file():
+        check_name_hash(cached, url)
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{file_name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        try:
+            torch.hub.download_url_to_file(url, str(tmp), progress=False)
+        except Exception as e:  # URLError, HTTPError, socket errors...: all mean "could not fetch"
+            reason = " ".join(str(e).split())  # one line, whatever the network error printed
+            raise RuntimeError(
+                f"could not download the {name} backbone weights from {url} ({reason}); fetch that file "
+                f"elsewhere and pass model.pretrained_backbone=/path/to/{file_name}, or "
+                f"model.pretrained_backbone=none to train from random weights"
+            ) from e
+        check_name_hash(tmp, url)
+        os.replace(tmp, cached)  # only a file that passed the check is kept
+    finally:
+        tmp.unlink(missing_ok=True)
+    return cached
+
+
+def check_name_hash(path: Path, url: str) -> None:
+    """Refuse `path` (downloaded from `url`) when the URL's file name carries a sha256 prefix the file does not have.
+
+    Raises:
+        ConfigError: naming the URL, the expected and the actual prefix.
+    """
+    match = HASHED_NAME.search(posixpath.basename(urllib.parse.urlparse(url).path))
+    if match is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    expected, actual = match.group(1), digest.hexdigest()
+    if not actual.startswith(expected):
+        raise ConfigError(
+            f"model.pretrained_backbone={url}: the file's sha256 starts {actual[: len(expected)]}, its name says "
+            f"{expected}: not the file the URL names (delete {path} if it is a cached copy; check the URL)"
+        )
+
+
+def read_weights_file(path: Path, source: str) -> dict[str, torch.Tensor]:
+    """The state dict in `path` (the file `source` named), read with `weights_only=True`.
+
+    Raises:
+        ConfigError: the file pickles more than tensors and containers (nothing of it runs), or holds no dict.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message goes on for paragraphs; the unpickler's own sentence names what was refused.
+        _, found, rest = str(e).partition("WeightsUnpickler error:")
+        reason = " ".join((rest.strip().split("\n\n")[0] if found else str(e)).split()).split(". ")[0][:200]
+        raise ConfigError(
+            f"model.pretrained_backbone={source}: refused {path}: it pickles objects other than tensors and "
+            f"containers, which ddetr never unpickles ({reason}); give a torchvision state dict"
+        ) from e
+    if not isinstance(state, dict):
+        kind = type(state).__name__
+        raise ConfigError(f"model.pretrained_backbone={source}: {path} holds a {kind}, not a state dict of tensors")
+    return state
 
 
 class Backbone(nn.Module):

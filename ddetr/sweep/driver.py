@@ -16,9 +16,11 @@ cluster/*.yaml), trial drivers are pinned to it, so a reclaimed spot node never 
 
 The sweep lives in `<storage>/<name>/` (Tune's experiment folder) and each trial's Train run in
 `<storage>/<name>/runs/<trial id>` (Ray Train continues a run by name, so a restarted trial resumes its run).
-Running the same command again continues an interrupted sweep without redoing finished trials. At the end the
-folder also holds results.csv / results.md (sorted by AP), ap_vs_params.png and best_config.json, which
-`ddetr train --config best_config.json` trains.
+Running the same command again continues an interrupted sweep without redoing finished trials; the default name
+carries a hash of the preset, data, space and overrides (`inputs.py`), so other inputs make a new sweep, and a named
+sweep continued with other inputs is refused with the difference. At the end the folder also holds results.csv /
+results.md (sorted by AP), ap_vs_params.png and best_config.json, which `ddetr train --config best_config.json`
+trains.
 
 Tune over Train needs Ray's dashboard (its State API): without it, trials stopped by ASHA leak their placement
 groups and the sweep hangs. A local Ray is started with it; a cluster without it is refused at start.
@@ -44,7 +46,8 @@ from ray.tune.search import BasicVariantGenerator
 from ddetr import io
 from ddetr.cluster import DRIVER_RESOURCE, cluster_maxima
 from ddetr.config import Config, apply_overrides, build_config
-from ddetr.sweep.asha import ResumableASHA
+from ddetr.sweep.asha import STATE_FILE, ResumableASHA, refuse_pickled_state
+from ddetr.sweep.inputs import SweepInputs, check_inputs
 from ddetr.sweep.options import add_arguments, to_argv
 from ddetr.sweep.report import METRIC, plot_ap, trial_rows, write_best_config, write_table
 from ddetr.sweep.space import load_space, param_space, trial_config
@@ -55,7 +58,7 @@ log = logging.getLogger("ddetr.sweep")
 DRIVER_CPUS = 0.01  # a trial's driver only waits on its Train controller; Ray refuses 0
 
 RUNS_DIR = "runs"  # under the sweep folder: one Train run per trial, named by trial id
-ASHA_STATE = "asha_state.pkl"  # ASHA's rungs, so that a continued sweep remembers them (tune/asha.py)
+ASHA_STATE = STATE_FILE  # ASHA's rungs (JSON), so that a continued sweep remembers them (asha.py)
 
 
 @dataclass
@@ -268,16 +271,36 @@ def main(argv: list[str] | None = None) -> int:
     return run(p.parse_args(argv))
 
 
+def claim_sweep_folder(args: argparse.Namespace, space: dict[str, dict[str, list]]) -> tuple[str, str]:
+    """The sweep's storage and name (by default `<preset>_<space>_<hash of the inputs>`, `inputs.py`), its folder
+    checked before any Ray starts: no pickled ASHA state, the same inputs as when it started (recorded now if new).
+
+    Raises:
+        ConfigError: a pickled ASHA state file, or other inputs than the sweep in that folder was started with.
+    """
+    inputs = SweepInputs.of(args.preset, args.data, space, list(args.overrides))
+    storage = io.absolute(args.storage)
+    name = args.name or inputs.default_name(args.space)
+    folder = f"{storage.rstrip('/')}/{name}"
+    former = f"{args.preset}_{Path(args.space).stem}"  # the default name before it carried the inputs' hash
+    if not args.name and tune.Tuner.can_restore(f"{storage.rstrip('/')}/{former}"):
+        log.warning("a sweep begun under the former default name is in %s/%s: continue it with --name %s",
+                    storage, former, former)  # fmt: skip
+    refuse_pickled_state(folder)
+    check_inputs(folder, inputs, has_sweep=tune.Tuner.can_restore(folder))
+    return storage, name
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the sweep of parsed `ddetr tune` arguments (on a local Ray of its own when no cluster is given)."""
+    space = load_space(args.space)
+    storage, name = claim_sweep_folder(args, space)
     if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
         return rerun_on_local_ray(to_argv(args))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    space = load_space(args.space)
     base = build_config(args.preset, args.data, args.overrides)
-    storage = io.absolute(args.storage)
     settings = SweepSettings(
-        name=args.name or f"{args.preset}_{Path(args.space).stem}",
+        name=name,
         storage=storage,
         samples=args.samples,
         max_concurrent=args.max_concurrent,

@@ -14,7 +14,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument(
         "--max-concurrent", type=int, default=0, help="trials at once (default: what the node types' maxima fit)"
     )
-    p.add_argument("--name", default=None, help="sweep name (default: <preset>_<space file name>)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="sweep name (default: <preset>_<space file stem>_<hash of preset, data, space and overrides>); the same "
+        "name continues the sweep, with the inputs it was started with",
+    )
     p.add_argument("--storage", default="runs/tune", help="folder or URI for sweeps")
     p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
     p.add_argument("--reduction-factor", type=int, default=2)

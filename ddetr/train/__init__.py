@@ -36,9 +36,12 @@ def train(cfg: Config, engine: str = "ray", resume: str | None = None) -> dict[s
 
     Raises:
         ConfigError, FileNotFoundError: a mistake in the config or in the paths it names, found here before any
-            worker starts (`ddetr.train.preflight`).
+            worker starts (`ddetr.train.preflight`); a RunInUseError (a ConfigError) when another live run holds the
+            run folder's lease (`ddetr.train.lease`).
     """
     from ddetr.config import named
+    from ddetr.train.checkpoints import run_dir
+    from ddetr.train.lease import check_free
     from ddetr.train.preflight import preflight
     from ddetr.train.run_files import run_files
 
@@ -46,6 +49,9 @@ def train(cfg: Config, engine: str = "ray", resume: str | None = None) -> dict[s
         raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
     cfg = named(cfg)
     resume = preflight(cfg, resume)
+    # Another live run's folder is refused before anything is written there (on Ray, before its controller writes);
+    # the runtime then takes the lease: the local engine's process, or rank 0 of the Ray workers.
+    check_free(run_dir(cfg.train.storage_path, cfg.train.name))
     # The run folder explains itself from here on: config.yaml, and log.txt of the console (ddetr/train/run_files.py).
     with run_files(cfg, engine):
         if engine == "local":

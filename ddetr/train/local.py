@@ -32,6 +32,7 @@ from ddetr.train.checkpoints import (
     run_dir,
     update_pointers,
 )
+from ddetr.train.lease import RunLease
 from ddetr.train.logbook import Logbook
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,16 @@ class LocalRuntime:
             )
         self.dir = Path(run_dir(cfg.train.storage_path, cfg.train.name))
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.resume = resume
-        self.logbook = Logbook(self.dir)
-        self.transforms = TransformConfig.for_training(cfg.data)
-        self._evaluator = CocoEvaluator.from_shards(cfg.data.val) if cfg.data.val else None
+        # Taken before anything is written there, held until `close`: a second live run on the folder is refused.
+        self.lease = RunLease.acquire(str(self.dir))
+        try:
+            self.resume = resume
+            self.logbook = Logbook(self.dir)
+            self.transforms = TransformConfig.for_training(cfg.data)
+            self._evaluator = CocoEvaluator.from_shards(cfg.data.val) if cfg.data.val else None
+        except BaseException:
+            self.lease.release()
+            raise
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
@@ -132,4 +139,7 @@ class LocalRuntime:
         return latest_intact(self.dir)
 
     def close(self) -> None:
-        self.logbook.close()
+        try:
+            self.logbook.close()
+        finally:
+            self.lease.release()

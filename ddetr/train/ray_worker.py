@@ -43,6 +43,7 @@ from ddetr.data.transforms import TransformConfig
 from ddetr.train.callbacks import StepCallback
 from ddetr.train.checkpoints import checkpoint_name, run_dir
 from ddetr.train.engine import NonFiniteLossError
+from ddetr.train.lease import HEARTBEAT_S, STALE_AFTER, RunLease, new_owner
 from ddetr.train.logbook import Logbook
 from ddetr.train.loop import fit
 
@@ -243,11 +244,14 @@ def set_torch_threads(cpus_per_worker: float) -> None:
 class WorkerLoop:
     """Ray Train's entry point on every worker, called with `Config.to_dict()` plus an optional "resume" path.
 
-    It holds the step callbacks, which reach the workers pickled with it.
+    It holds the step callbacks, which reach the workers pickled with it, and the owner id of the run folder's lease,
+    made once on the driver: every attempt of the run carries the same one, so a restarted attempt's rank 0 takes the
+    lease back (`lease.py`).
     """
 
     def __init__(self, callbacks: Sequence[StepCallback] = ()) -> None:
         self.callbacks = tuple(callbacks)
+        self.lease_owner = new_owner()
 
     def __call__(self, config: dict[str, Any]) -> None:
         config = dict(config)
@@ -257,9 +261,16 @@ class WorkerLoop:
         quiet_worker_logs(ctx.get_world_rank())
         if cfg.train.num_workers > 0:  # with none, this runs in the driver: leave its threads alone
             set_torch_threads(cfg.train.cpus_per_worker)
-        error_file = io.join(run_dir(cfg.train.storage_path, cfg.train.name), RUN_ERROR_FILE)
-        if ctx.get_world_rank() == 0 and io.exists(error_file):
-            io.remove(error_file)  # an earlier attempt's: this one starts afresh
+        run = run_dir(cfg.train.storage_path, cfg.train.name)
+        error_file = io.join(run, RUN_ERROR_FILE)
+        lease = None
+        if ctx.get_world_rank() == 0:
+            # Before rank 0 writes in the run folder. Another launch's lease is waited for until it is stale (a
+            # sweep's trial restarted while its last attempt's rank 0, on another node, was just lost), then refused.
+            # The refusal is raised, not reported: it must not write its error into another run's folder.
+            lease = RunLease.acquire(run, self.lease_owner, wait_s=STALE_AFTER * HEARTBEAT_S)
+            if io.exists(error_file):
+                io.remove(error_file)  # an earlier attempt's: this one starts afresh
         runtime = None
         try:
             check_cuda(cfg)
@@ -280,6 +291,8 @@ class WorkerLoop:
         finally:
             if runtime is not None:
                 runtime.close()
+            if lease is not None:
+                lease.release()
 
 
 def check_cuda(cfg: Config) -> None:
