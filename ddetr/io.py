@@ -1,12 +1,17 @@
 """Files and URIs: one place that reads, writes and lists local paths and object storage alike.
 
 Every path the project takes may be a local path or a URI that `pyarrow.fs` understands (`s3://`, `gs://`,
-`hdfs://`, `file://`). Writes that must not be lost (shards, checkpoints, metrics, tables, plots) go through
-`atomic_write`: a reader sees the old file or the whole new one, never a part.
+`hdfs://`, `file://`). Writes that must not be lost (shards, checkpoints, safetensors, metrics, tables, plots) go
+through one writer, `atomic_writer` (or `atomic_write` for bytes in hand): a reader sees the old file or the whole
+new one, never a part, and on local disks the file and its folder are on the disk when the write returns.
 
     from ddetr import io
     io.atomic_write("s3://bucket/run/metrics.json", json.dumps(metrics))
+    with io.atomic_writer("runs/demo/checkpoint_00000010/state.pt") as f:
+        torch.save(payload, f)
     text = io.read_text("runs/demo/metrics.json")
+
+Reads and writes of object storage that fail transiently are retried with backoff (`retried`).
 
 Object storage reads the standard variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) through pyarrow.
 """
@@ -24,16 +29,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import BinaryIO, TextIO, TypeVar
 
 import pyarrow.fs as pafs
 
-# Object stores where one upload becomes visible whole or not at all: writing the final name directly is
-# atomic there, and a temporary name plus a move would cost a second copy of the object.
-_ATOMIC_PUT_SCHEMES = ("s3", "gs", "gcs")
+# Object stores where one upload becomes visible whole or not at all (`FileSystem.type_name`): writing the final
+# name directly is atomic there, and a temporary name plus a move would cost a second copy of the object.
+_ATOMIC_PUT_FILESYSTEMS = ("s3", "gcs")
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 COPY_CHUNK = 32 * 1024 * 1024  # bytes per read when copying: each read from an object store is one request
+# A write to object storage is gathered locally first (in memory up to this size, then in a temporary file), so
+# that the upload can be retried and an error inside the writer's block uploads nothing.
+SPOOL_BYTES = 64 * 1024 * 1024
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -55,15 +63,27 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts) if is_uri(base) else str(Path(base, *parts))
 
 
-def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """The file system of `path` and the path within it."""
+def resolve(path: str | os.PathLike, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
+    """The file system of `path` (a local path or a URI) and the path within it.
+
+    With `filesystem`, `path` already is a path inside it (tests wrap a local file system this way).
+    """
     path = str(path)
+    if filesystem is not None:
+        return filesystem, path
     return pafs.FileSystem.from_uri(path if is_uri(path) else os.path.abspath(os.path.expanduser(path)))
 
 
-def exists(path: str | os.PathLike) -> bool:
-    fs, inner = resolve(path)
+def exists(path: str | os.PathLike, filesystem: pafs.FileSystem | None = None) -> bool:
+    fs, inner = resolve(path, filesystem)
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def file_size(path: str | os.PathLike) -> int | None:
+    """The size of the file at `path` in bytes; None when there is no file there (nothing, or a folder)."""
+    fs, inner = resolve(path)
+    info = fs.get_file_info(inner)
+    return info.size if info.type == pafs.FileType.File else None
 
 
 def is_dir(path: str | os.PathLike) -> bool:
@@ -102,65 +122,96 @@ def read_text(path: str | os.PathLike) -> str:
     return read_bytes(path).decode()
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write `data` so that `path` holds either its previous content or all of `data`.
+def _temp_name(name: str) -> str:
+    """A hidden temporary name for the file `name` (a leading "." keeps pyarrow and Ray from listing it)."""
+    return f".{name}.tmp-{uuid.uuid4().hex[:8]}"
 
-    Local files: a hidden temporary name in the same folder, flushed and fsync'ed, then renamed over `path`.
-    S3 / GCS: one upload to the final name (an object appears only once complete). Other file systems: a hidden
-    temporary name, then a move. Parent folders are created.
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, filesystem: pafs.FileSystem | None = None) -> Iterator[BinaryIO]:
+    """A binary file to write that appears at `path` whole when the block ends without error, else not at all.
+
+    The one writer of everything that must not be lost: `torch.save` of a checkpoint, safetensors, Parquet
+    shards, JSON (`atomic_write`, `atomic_open`). Parent folders are created.
+
+    Local files: a hidden temporary name in the same folder, flushed and fsync'ed, renamed over `path`, then the
+    folder fsync'ed, so that both the content and the new name survive a power loss once the block has ended.
+    S3 / GCS: gathered locally, then one upload to the final name (an object appears only once complete), retried
+    on transient errors. Other file systems: the same upload to a hidden temporary name, then a move.
+
+    Args:
+        path: a local path or URI; with `filesystem`, a path inside it (see `resolve`).
     """
-    payload = data.encode() if isinstance(data, str) else data
-    path = str(path)
-    if not is_uri(path) or path.startswith("file://"):
-        local = Path(path.removeprefix("file://")).expanduser()
+    fs, inner = resolve(path, filesystem)
+    if isinstance(fs, pafs.LocalFileSystem):
+        local = Path(inner)
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = local.with_name(_temp_name(local.name))
         try:
             with open(tmp, "wb") as f:
-                f.write(payload)
+                yield f
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, local)
+            fsync_dir(local.parent)
         finally:
             tmp.unlink(missing_ok=True)
         return
-    fs, inner = resolve(path)
-    fs.create_dir(posixpath.dirname(inner), recursive=True)
-    if path.split("://", 1)[0] in _ATOMIC_PUT_SCHEMES:
-        with fs.open_output_stream(inner) as out:
-            out.write(payload)
-        return
-    head, tail = posixpath.split(inner)
-    tmp = posixpath.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
-    with fs.open_output_stream(tmp) as out:
-        out.write(payload)
-    fs.move(tmp, inner)
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
+        yield spool  # type: ignore[misc]  # a binary file object
+        head, tail = posixpath.split(inner)
+        target = inner if fs.type_name in _ATOMIC_PUT_FILESYSTEMS else posixpath.join(head, _temp_name(tail))
+
+        def upload() -> None:
+            spool.seek(0)
+            fs.create_dir(head, recursive=True)
+            with fs.open_output_stream(target) as out:
+                shutil.copyfileobj(spool, out, COPY_CHUNK)
+            if target != inner:
+                fs.move(target, inner)
+
+        retried(f"writing {path}", upload)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` (text as UTF-8) so that `path` holds either its previous content or all of `data`
+    (`atomic_writer`)."""
+    with atomic_writer(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[TextIO]:
-    """A text file to write little by little that appears at `path` whole, when the block ends without error.
+    """A text file (UTF-8) to write little by little that appears at `path` whole, when the block ends without
+    error (`atomic_writer`). An error inside the block leaves `path` as it was."""
+    with atomic_writer(path) as raw:
+        text = _io.TextIOWrapper(raw, encoding="utf-8")
+        yield text
+        text.flush()
+        text.detach()  # the writer closes the file: the wrapper must not
 
-    Local files stream to a hidden temporary name (fsync'ed, then renamed); on other file systems the text is
-    gathered in memory and written with `atomic_write`. An error inside the block leaves `path` as it was.
-    """
-    path = str(path)
-    if is_uri(path) and not path.startswith("file://"):
-        buffer = _io.StringIO()
-        yield buffer
-        atomic_write(path, buffer.getvalue())
-        return
-    local = Path(path.removeprefix("file://")).expanduser()
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a local folder: a file renamed into it keeps its new name after a power loss."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with open(tmp, "w") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, local)
+        os.fsync(fd)
+    except OSError:  # some file systems (FUSE, network mounts) refuse fsync on a folder: nothing more to do there
+        pass
     finally:
-        tmp.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync every file under a local folder, then every folder bottom up, the folder itself last."""
+    for folder, _, files in os.walk(path, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:

@@ -171,6 +171,20 @@ def test_arbitrary_pickled_objects_are_refused(tmp_path):
         read_checkpoint(tmp_path / "absent.pth")
 
 
+def test_a_cut_short_file_is_named_and_an_official_file_needs_no_manifest(tmp_path):
+    """Official `.pth` files are files, not checkpoint folders: they load as they are, without a manifest; a copy cut
+    short is one line naming it, whoever reads it (`read_checkpoint` is the one reader of checkpoint files)."""
+    from ddetr.models.checkpoint import CorruptCheckpointError, state_file
+
+    path = tmp_path / "official.pth"
+    save_fake_official(path, tiny_model())
+    assert state_file(path) == path and "model" in read_checkpoint(state_file(path))
+    path.write_bytes(path.read_bytes()[:4096])
+    with pytest.raises(CorruptCheckpointError, match=f"checkpoint {path} cannot be read") as e:
+        read_checkpoint(path)
+    assert "\n" not in str(e.value)
+
+
 def test_config_from_official_args_maps_variants():
     cfg = config_from_official_args(
         official_args(

@@ -12,6 +12,7 @@ import torch
 from ddetr.config import Config, ConfigError, apply_overrides, get_preset
 from ddetr.models import build_model
 from ddetr.models.backbone import Backbone, FrozenBatchNorm2d
+from ddetr.models.checkpoint import write_manifest
 from ddetr.models.hf import read_hf, write_hf
 from ddetr.models.weights import export_hf, init_from, load_detector, read_weights
 from ddetr.train.optim import build_optimizer
@@ -161,6 +162,7 @@ def save_ddetr_checkpoint(folder, model: torch.nn.Module, cfg: Config, categorie
     if categories is not None:
         payload["categories"] = categories
     torch.save(payload, folder / "state.pt")
+    write_manifest(folder)
     return str(folder)
 
 

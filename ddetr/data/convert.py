@@ -28,11 +28,8 @@ from ddetr.data.shards import (
     ROW_SCHEMA,
     ShardInfo,
     ShardMetadata,
-    exists,
     read_shard_footer,
-    resolve,
     shard_file,
-    temp_name,
     write_metadata,
 )
 from ddetr.data.validate import (
@@ -42,6 +39,7 @@ from ddetr.data.validate import (
     check_image_bytes,
     check_images,
 )
+from ddetr.io import atomic_writer, exists, resolve
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +136,7 @@ def convert_coco(
     with ThreadPoolExecutor(num_threads) as pool:
         for k, chunk in enumerate(chunks):
             path = posixpath.join(out_root, shard_file(k))
-            footer = read_shard_footer(out_fs, path) if exists(out_fs, path) else None
+            footer = read_shard_footer(out_fs, path) if exists(path, out_fs) else None
             if footer is not None and footer.get("key") != key:
                 raise ValueError(
                     f"{out}: {shard_file(k)} was written from other annotations or another shard size "
@@ -240,20 +238,13 @@ def _write_shard(
     }
     schema = ROW_SCHEMA.with_metadata({"ddetr": json.dumps(footer)})
     table = pa.Table.from_pydict(rows, schema=schema)
-    tmp = temp_name(path)
     # Small row groups let each rank fetch just its images (``order.py``); no statistics, which nothing
     # reads and which would make the footer, read by every rank, half as large again; no dictionaries
     # (every image differs).
-    pq.write_table(
-        table,
-        tmp,
-        filesystem=out_fs,
-        row_group_size=row_group_size,
-        compression="none",
-        write_statistics=False,
-        use_dictionary=False,
-    )
-    out_fs.move(tmp, path)
+    with atomic_writer(path, out_fs) as f:
+        pq.write_table(
+            table, f, row_group_size=row_group_size, compression="none", write_statistics=False, use_dictionary=False
+        )
     return footer
 
 

@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from ddetr.data.shards import ShardFooter, read_footer, resolve, with_retries
+from ddetr.data.shards import ShardFooter, read_footer, with_retries
 from ddetr.data.transforms import (
     Geometry,
     TransformConfig,
@@ -41,6 +41,7 @@ from ddetr.data.transforms import (
     val_geometry,
     xyxy_to_cxcywh_normalized,
 )
+from ddetr.io import resolve
 
 log = logging.getLogger(__name__)
 _failures = 0

@@ -9,15 +9,15 @@ A split directory (local path or ``s3://`` / ``gs://`` / ``file://`` URI) holds:
 Shard ``k`` holds the valid images whose rank among the sorted image ids falls in
 ``[k * shard_size, (k + 1) * shard_size)``, so the assignment is a pure function of the annotation
 file and the shard size: a resumed conversion rewrites exactly the shards that are missing.
-Every file is written under a temporary name starting with ``.`` (ignored by pyarrow and Ray
-dataset discovery) and renamed into place, so a visible shard is always complete.
+Every file is written through ``ddetr.io.atomic_writer`` (a temporary name starting with ``.``, ignored by
+pyarrow and Ray dataset discovery, renamed into place), so a visible shard is always complete.
 
 Shards are written in row groups of ``ROW_GROUP_SIZE`` images: the unit the epoch order permutes and a
 reader fetches (``order.py``). ``open_split`` is how a run opens its data: it reads every shard's
 Parquet footer (metadata only: the file's last bytes) and checks it against ``dataset.json``, so an
 unreadable shard is one error naming it before the first step; it caches the footers per process.
-Reads of the store are retried with backoff (``with_retries``); one that keeps failing is a
-``ShardReadError`` naming the shard. ``DataError`` is the base of both: a fault of the data or the
+Reads of the store are retried with backoff (``with_retries``, ``ddetr.io.retried``); one that keeps
+failing is a ``ShardReadError`` naming the shard. ``DataError`` is the base of both: a fault of the data or the
 store, which restarting a worker will not fix.
 """
 
@@ -27,8 +27,6 @@ import json
 import logging
 import os
 import posixpath
-import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -36,6 +34,8 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from ddetr import io
 
 FORMAT_VERSION = 1
 METADATA_FILE = "dataset.json"
@@ -142,65 +142,20 @@ class ShardReadError(DataError):
 
 
 def with_retries(what: str, read: Callable[[], T]) -> T:
-    """``read()``, retried on I/O errors with exponential backoff; each retry is logged naming ``what``.
-
-    A missing file is not retried. After ``READ_ATTEMPTS`` failures raises ``ShardReadError``.
-    """
-    delay = READ_BACKOFF_S
-    for attempt in range(1, READ_ATTEMPTS + 1):
-        try:
-            return read()
-        except FileNotFoundError:
-            raise
-        except OSError as err:  # pyarrow's I/O errors are OSErrors too
-            if attempt == READ_ATTEMPTS:
-                raise ShardReadError(
-                    f"{what}: reading failed {attempt} times ({type(err).__name__}: {err}); check that the store "
-                    "is reachable and the file readable, then resume the run",
-                    what,
-                ) from err
-            log.warning(
-                "%s: read failed (%s: %s); retry %d of %d in %.2f s",
-                what,
-                type(err).__name__,
-                err,
-                attempt,
-                READ_ATTEMPTS - 1,
-                delay,
-            )
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
-
-
-def resolve(uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
-    """Split a local path or URI (``s3://``, ``gs://``, ``file://``) into a filesystem and a path.
-
-    With ``filesystem``, ``uri`` is a path inside it (tests wrap a local filesystem this way).
-    """
-    if filesystem is not None:
-        return filesystem, uri
-    if "://" not in uri:
-        uri = os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
-
-
-def exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write to a hidden temporary name beside ``path``, then rename it into place."""
-    tmp = temp_name(path)
-    with fs.open_output_stream(tmp) as out:
-        out.write(data)
-    fs.move(tmp, path)
-
-
-def temp_name(path: str) -> str:
-    """A hidden name in the same directory (a leading ``.`` keeps readers from listing it)."""
-    head, tail = posixpath.split(path)
-    return posixpath.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
+    """``read()``, retried on I/O errors with exponential backoff (``io.retried``: each retry logged naming
+    ``what``, a missing file not retried); after ``READ_ATTEMPTS`` failures a ``ShardReadError``, which ends a run
+    instead of restarting its workers."""
+    try:
+        return io.retried(f"{what}: read", read, attempts=READ_ATTEMPTS, first_wait_s=READ_BACKOFF_S)
+    except FileNotFoundError:
+        raise
+    except OSError as failed:
+        err = failed.__cause__ or failed
+        raise ShardReadError(
+            f"{what}: reading failed {READ_ATTEMPTS} times ({type(err).__name__}: {err}); check that the store "
+            "is reachable and the file readable, then resume the run",
+            what,
+        ) from err
 
 
 def shard_file(index: int) -> str:
@@ -209,11 +164,11 @@ def shard_file(index: int) -> str:
 
 def read_metadata(split_dir: str, filesystem: pafs.FileSystem | None = None) -> ShardMetadata:
     """Read ``dataset.json`` of a split directory (path or URI)."""
-    fs, root = resolve(split_dir, filesystem)
+    fs, root = io.resolve(split_dir, filesystem)
     path = posixpath.join(root, METADATA_FILE)
 
     def read() -> bytes:  # every rank reads it when it starts: a store's transient error is retried
-        if not exists(fs, path):
+        if not io.exists(path, fs):
             raise FileNotFoundError(f"{split_dir}: no {METADATA_FILE}; run `ddetr data convert` first")
         with fs.open_input_file(path) as f:
             return f.read()
@@ -222,8 +177,7 @@ def read_metadata(split_dir: str, filesystem: pafs.FileSystem | None = None) -> 
 
 
 def write_metadata(split_dir: str, meta: ShardMetadata) -> None:
-    fs, root = resolve(split_dir)
-    write_bytes_atomic(fs, posixpath.join(root, METADATA_FILE), meta.to_json().encode())
+    io.atomic_write(io.join(split_dir, METADATA_FILE), meta.to_json())
 
 
 def shard_uris(split_dir: str, meta: ShardMetadata) -> list[str]:
@@ -233,7 +187,7 @@ def shard_uris(split_dir: str, meta: ShardMetadata) -> list[str]:
 
 def read_shard(uri: str, columns: list[str] | None = None, filesystem: pafs.FileSystem | None = None) -> pa.Table:
     """Read one whole shard (a few hundred MB at most for COCO with the default shard size)."""
-    fs, path = resolve(uri, filesystem)
+    fs, path = io.resolve(uri, filesystem)
     return with_retries(uri, lambda: pq.read_table(path, filesystem=fs, columns=columns))
 
 
@@ -301,9 +255,9 @@ def open_split(split_dir: str, *, filesystem: pafs.FileSystem | None = None, ski
     """
     if "://" not in split_dir and filesystem is None:
         split_dir = os.path.abspath(split_dir)  # readers may run in another working directory
-    fs, root = resolve(split_dir, filesystem)
+    fs, root = io.resolve(split_dir, filesystem)
     meta_path = posixpath.join(root, METADATA_FILE)
-    if not exists(fs, meta_path):
+    if not io.exists(meta_path, fs):
         raise FileNotFoundError(f"{split_dir}: no {METADATA_FILE}; run `ddetr data convert` first")
     text = with_retries(meta_path, lambda: _read_all(fs, meta_path)).decode()
     meta = ShardMetadata.from_json(text)

@@ -1,7 +1,18 @@
-"""Reading checkpoints of the official release (fundamentalvision/Deformable-DETR) into our model.
+"""Checkpoint files: the one safe reader of `.pth`/`.pt` files, the ddetr checkpoint folder's format, and loading
+checkpoints of the official release (fundamentalvision/Deformable-DETR) into our model.
+
+A ddetr checkpoint folder (`ddetr.train.checkpoints` writes it; `ddetr.models.weights` reads it too, and models
+do not import train, so its format lives here) holds
+
+    state.pt            the `torch.save`d payload (model, optimizer, ..., config; see `ddetr.train.checkpoints`)
+    manifest.json       {"state.pt": {"size": bytes, "sha256": hex}}, written last: a folder with a manifest that
+                        matches is complete, and a copy cut short (a node lost mid-write or mid-upload) is detected
+
+beside files of the run (metrics.json, config.json). `verify_checkpoint` checks a folder against its manifest;
+`state_file` is what every reader of a folder or a file loads.
 
 Our parameter names and shapes equal the official ones for every variant, so the `model` entry of an
-official `.pth` loads with `strict=True`. Official files also pickle the run's `argparse.Namespace`; they are
+official `.pth` loads with `strict=True`. Official files also pickle the run's `argparse.Namespace`; every file is
 read with `torch.load(weights_only=True)`, allowing only that class (and the `Counter` of the lr scheduler's
 state) beyond tensors and containers: a file that pickles anything else is refused rather than executed.
 """
@@ -11,15 +22,19 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
 import pickle
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ddetr import io
 from ddetr.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -27,30 +42,106 @@ log = logging.getLogger(__name__)
 # The only non-tensor classes an official checkpoint pickles: the run's arguments and MultiStepLR's milestones.
 SAFE_GLOBALS = [argparse.Namespace, collections.Counter]
 CLASS_HEAD_PREFIXES = ("class_embed.", "transformer.decoder.class_embed.")
+STATE_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint file without executing arbitrary pickled code.
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint whose state file is missing, unreadable, or does not match its folder's manifest (or has none)."""
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint file (a ddetr `state.pt`, an official `.pth`) without executing arbitrary pickled code.
 
     Returns:
         the checkpoint dict (official: "model", "args", and for training checkpoints "optimizer",
-        "lr_scheduler", "epoch").
+        "lr_scheduler", "epoch"; ddetr: see `ddetr.train.checkpoints`).
 
     Raises:
         FileNotFoundError: no such file.
         RuntimeError: the file pickles objects other than tensors, containers, argparse.Namespace and Counter.
+        CorruptCheckpointError: the file cannot be read (cut short, not a checkpoint), naming it.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} not found")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise RuntimeError(
             f"refusing to load {os.fspath(path)!r}: it pickles objects other than tensors, containers and "
             f"argparse.Namespace, and unpickling them could run arbitrary code. If you trust the file, convert it "
             f"once: torch.save({{'model': torch.load(path, weights_only=False)['model']}}, new_path). Details: {e}"
         ) from e
+    except (RuntimeError, EOFError, OSError) as e:  # torch reports a truncated zip as a RuntimeError
+        raise CorruptCheckpointError(f"checkpoint {os.fspath(path)} cannot be read ({e})") from e
+
+
+def state_file(path: str | os.PathLike) -> Path:
+    """The file to load for a local checkpoint: a ddetr folder's `state.pt`, checked against its manifest
+    (`verify_checkpoint`), or `path` itself when it is a file (a `state.pt` or an official `.pth`, read as it is).
+
+    Raises:
+        FileNotFoundError: nothing at `path`. CorruptCheckpointError: a folder that does not verify.
+    """
+    path = Path(path)
+    if path.is_dir():
+        verify_checkpoint(path)
+        return path / STATE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: expected a folder holding {STATE_FILE}, or the file")
+    return path
+
+
+def write_manifest(directory: str | os.PathLike) -> None:
+    """Record the size and sha256 of `directory/state.pt` in `directory/manifest.json`: the folder's last write."""
+    path = Path(directory, STATE_FILE)
+    manifest = {STATE_FILE: {"size": path.stat().st_size, "sha256": _sha256(str(path))}}
+    io.atomic_write(Path(directory, MANIFEST_FILE), json.dumps(manifest))
+
+
+def verify_checkpoint(directory: str | os.PathLike, checksum: bool = True) -> None:
+    """Check a checkpoint folder (a local path or a URI) against its manifest.
+
+    Args:
+        checksum: also compare the sha256 (reads the whole state file); without it, only presence and size, which
+            finds a copy cut short without reading it (cheap on object storage).
+
+    Raises:
+        CorruptCheckpointError: naming the file, when the state file is missing, of another size or checksum than
+            the manifest records, or when the folder has no manifest (cut short before its last write, or written
+            before ddetr recorded manifests: such a folder is refused; its state file can be given itself).
+    """
+    directory = str(directory)
+    state = io.join(directory, STATE_FILE)
+    found = io.file_size(state)
+    if found is None:
+        raise CorruptCheckpointError(f"checkpoint {directory}: {STATE_FILE} is missing")
+    manifest = io.join(directory, MANIFEST_FILE)
+    try:
+        expected = json.loads(io.read_text(manifest))[STATE_FILE]
+        size, digest = int(expected["size"]), str(expected["sha256"])
+    except FileNotFoundError:
+        raise CorruptCheckpointError(
+            f"checkpoint {directory} has no {MANIFEST_FILE}, so it cannot be checked: it was cut short before its "
+            f"manifest was written, or written by a ddetr from before manifests, whose folders are refused; to load "
+            f"it anyway, give its state file itself ({state})"
+        ) from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise CorruptCheckpointError(f"{manifest} is not a checkpoint manifest ({err!r})") from None
+    if found != size:
+        raise CorruptCheckpointError(f"checkpoint {state} is incomplete: {found} bytes where its manifest says {size}")
+    if checksum and _sha256(state) != digest:
+        raise CorruptCheckpointError(f"checkpoint {state} does not match the checksum its manifest records")
+
+
+def _sha256(path: str) -> str:
+    fs, inner = io.resolve(path)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(inner) as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ddetr import io
 from ddetr.config import ModelConfig
 from ddetr.models.build import build_detector
 from ddetr.models.deformable_detr import DeformableDETR
@@ -292,7 +293,7 @@ def hf_config(m: ModelConfig, id2label: dict[int, str]) -> dict:
 
 
 def write_hf(model: DeformableDETR, cfg: ModelConfig, folder: str | os.PathLike, id2label: dict[int, str]) -> Path:
-    """Write `folder/config.json` and `folder/model.safetensors` (each under a temporary name, then renamed).
+    """Write `folder/config.json` and `folder/model.safetensors`, each whole or not at all (`io.atomic_write`).
 
     Args:
         id2label: class index -> name for every one of the `cfg.num_classes` logits (gaps: "N/A").
@@ -300,20 +301,15 @@ def write_hf(model: DeformableDETR, cfg: ModelConfig, folder: str | os.PathLike,
     Returns:
         the folder.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if set(id2label) != set(range(cfg.num_classes)):
         raise ValueError(f"id2label must name each of the {cfg.num_classes} classes 0..{cfg.num_classes - 1}")
     config = hf_config(cfg, id2label)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
     state = {k: v.cpu() for k, v in to_hf_state_dict(model, cfg).items()}
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / WEIGHTS_FILE)
-    tmp = folder / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, folder / CONFIG_FILE)
+    io.atomic_write(folder / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
+    io.atomic_write(folder / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
 
 

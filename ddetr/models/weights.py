@@ -24,13 +24,18 @@ from torch import nn
 from ddetr import io
 from ddetr.config import Config, ModelConfig
 from ddetr.models.build import build_detector
-from ddetr.models.checkpoint import CLASS_HEAD_PREFIXES, config_from_official_args, read_checkpoint
+from ddetr.models.checkpoint import (
+    CLASS_HEAD_PREFIXES,
+    STATE_FILE,
+    config_from_official_args,
+    read_checkpoint,
+    state_file,
+)
 from ddetr.models.deformable_detr import DeformableDETR
 from ddetr.models.hf import is_hf_folder, read_hf, write_hf
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"  # the file of a ddetr checkpoint folder (ddetr.train writes it)
 # Fields that shape the parameters: a fine-tuning source must agree on all of them (num_classes aside).
 ARCHITECTURE_FIELDS = (
     "backbone",
@@ -87,10 +92,12 @@ class WeightsSource:
 def read_weights(source: str | os.PathLike) -> WeightsSource:
     """Read an official `.pth`, a ddetr checkpoint (folder or `state.pt`) or a Hugging Face folder.
 
-    `source` may be a URI (`s3://...`): the file or folder is downloaded for the call.
+    `source` may be a URI (`s3://...`): the file or folder is downloaded for the call. A ddetr checkpoint folder
+    is checked against its manifest first (`ddetr.models.checkpoint.state_file`).
 
     Raises:
         FileNotFoundError: none of these at `source`.
+        CorruptCheckpointError: a ddetr checkpoint cut short, without a manifest, or unreadable.
     """
     if io.is_uri(source):
         if not io.exists(source):
@@ -107,7 +114,7 @@ def read_weights(source: str | os.PathLike) -> WeightsSource:
                 f"{os.fspath(path)!r} is neither a ddetr checkpoint folder ({STATE_FILE}) nor a Hugging Face model "
                 "folder (config.json + model.safetensors)"
             )
-        path = path / STATE_FILE
+        path = state_file(path)
     payload: dict[str, Any] = read_checkpoint(path)
     if isinstance(payload.get("config"), dict):  # ours: Config.to_dict()
         run = Config.from_dict(payload["config"])

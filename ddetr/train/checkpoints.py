@@ -5,15 +5,21 @@ A run folder (`train.storage_path / train.name`) holds `checkpoint_<step>` folde
     state.pt            model, optimizer, scheduler, grad scaler, TrainState, config, dataset categories
     metrics.json        the checkpoint's metrics (val/AP ranks checkpoints), small and readable
     config.json         the run's Config, readable without loading the state
-    manifest.json       size and sha256 of state.pt: a copy cut short (a node lost mid-write) is detected
+    manifest.json       size and sha256 of state.pt, written last: a copy cut short (a node lost mid-write) is
+                        detected, and a folder without one is not a checkpoint to resume from
+
+(`state.pt` and `manifest.json` are the format every reader checks: `ddetr.models.checkpoint`, which the models
+read too).
 
 and two pointers, small JSON files written atomically after each checkpoint (`update_pointers`):
 
     latest              {"checkpoint": "checkpoint_00000600", "step": 600, "val/AP": 0.41}: the newest checkpoint
     best                the same for the checkpoint of the highest val/AP (pruning never deletes it)
 
-The single-process runtime writes these folders itself (a temporary name, renamed into place); under Ray Train,
-`ray.train.report` uploads the same folder under the same name, so either run folder reads the same way.
+The single-process runtime writes these folders itself (`ddetr.train.local`: a temporary name, fsync'ed, renamed
+into place and verified before anything older is pruned); under Ray Train, `ray.train.report` uploads the same
+folder under the same name, so either run folder reads the same way. Either runtime resumes from the newest
+checkpoint that verifies (`latest_intact`).
 Every command that takes a checkpoint takes a run folder too (`resolve_checkpoint`): its best checkpoint, or its
 latest as `RUN_DIR/latest`.
 """
@@ -21,13 +27,13 @@ latest as `RUN_DIR/latest`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
 import posixpath
 import re
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,21 +42,24 @@ import torch
 
 from ddetr import io
 from ddetr.config import Config, ConfigError
+from ddetr.models.checkpoint import (
+    MANIFEST_FILE,
+    STATE_FILE,
+    CorruptCheckpointError,
+    read_checkpoint,
+    state_file,
+    verify_checkpoint,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
 CHECKPOINT_METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
 # Model settings that do not change the architecture: a run may continue with other values of these.
 NOT_ARCHITECTURE = ("init_from", "pretrained_backbone", "msda_backend", "checkpoint_encoder")
-MANIFEST_FILE = "manifest.json"
 CHECKPOINT_PREFIX = "checkpoint_"
 _CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}\d{{8}}")  # not "<name>.tmp", a copy cut short
-
-
-class CorruptCheckpointError(RuntimeError):
-    """A checkpoint whose state file is missing, of the wrong size or checksum, or unreadable."""
 
 
 @dataclass
@@ -80,57 +89,22 @@ def run_dir(storage_path: str, name: str) -> str:
 def save_checkpoint(directory: str | os.PathLike, payload: dict[str, Any], metrics: dict[str, Any]) -> Path:
     """Write `payload` (see the module docstring) as `directory/state.pt`, then its metrics and manifest.
 
-    The state file is written atomically; the manifest last, so a folder with a manifest is complete.
+    Each file is written atomically (`io.atomic_writer`); the manifest last, so a folder with a manifest is complete.
     Returns the state file's path.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / STATE_FILE
-    with open(path.with_suffix(".pt.tmp"), "wb") as f:
+    with io.atomic_writer(directory / STATE_FILE) as f:
         torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path.with_suffix(".pt.tmp"), path)
     finite = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     io.atomic_write(directory / CHECKPOINT_METRICS_FILE, json.dumps(finite))
     io.atomic_write(directory / CONFIG_FILE, json.dumps(payload["config"], indent=1, sort_keys=True))
-    manifest = {STATE_FILE: {"size": path.stat().st_size, "sha256": _sha256(path)}}
-    io.atomic_write(directory / MANIFEST_FILE, json.dumps(manifest))
-    return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_checkpoint(directory: str | os.PathLike) -> None:
-    """Raise CorruptCheckpointError naming the file when `directory`'s state file does not match its manifest.
-
-    Checkpoints written before manifests existed pass when their state file exists.
-    """
-    directory = Path(directory)
-    path = directory / STATE_FILE
-    if not path.exists():
-        raise CorruptCheckpointError(f"checkpoint {directory}: {STATE_FILE} is missing")
-    manifest_path = directory / MANIFEST_FILE
-    if not manifest_path.exists():
-        return
-    expected = json.loads(manifest_path.read_text())[STATE_FILE]
-    size = path.stat().st_size
-    if size != expected["size"]:
-        raise CorruptCheckpointError(
-            f"checkpoint {path} is incomplete: {size} bytes where its manifest records {expected['size']}"
-        )
-    if _sha256(path) != expected["sha256"]:
-        raise CorruptCheckpointError(f"checkpoint {path} does not match the checksum its manifest records")
+    write_manifest(directory)
+    return directory / STATE_FILE
 
 
 def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by `save_checkpoint` (a directory or the state file itself).
+    """Read a checkpoint written by `save_checkpoint` (a directory, checked against its manifest, or the state file
+    itself, read as it is).
 
     Returns:
         dict with keys model, optimizer, scheduler, scaler, state (a TrainState), config, and optionally
@@ -139,16 +113,7 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
     Raises:
         FileNotFoundError: nothing there. CorruptCheckpointError: incomplete or unreadable, naming the file.
     """
-    path = Path(directory)
-    if path.is_dir():
-        verify_checkpoint(path)
-        path = path / STATE_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}: expected a directory holding {STATE_FILE} or the file")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError) as err:  # torch reports a truncated zip as a RuntimeError
-        raise CorruptCheckpointError(f"checkpoint {path} cannot be read ({err})") from err
+    payload = read_checkpoint(state_file(directory), map_location=map_location)
     payload["state"] = TrainState(**payload["state"])
     return payload
 
@@ -190,19 +155,65 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def latest_intact(directory: str | os.PathLike) -> Path | None:
-    """The newest checkpoint of a run folder that verifies; each newer one that does not is named in a warning."""
+# Local checkpoint folders found intact, by the identity of their state file and manifest (inode, size, mtime): a
+# run's prune checks every checkpoint it keeps at each new one, and should read each state file once, not each time.
+_intact: dict[str, tuple[int, ...]] = {}
+
+
+def verify_local(checkpoint: Path) -> None:
+    """`verify_checkpoint` for a local folder, remembering the folders it passed while their files stay the same."""
+    try:
+        stats = [os.stat(checkpoint / f) for f in (STATE_FILE, MANIFEST_FILE)]
+        identity = tuple(x for st in stats for x in (st.st_ino, st.st_size, st.st_mtime_ns))
+    except OSError:  # a file missing: verify_checkpoint names it
+        identity = None
+    if identity is not None and _intact.get(str(checkpoint)) == identity:
+        return
+    verify_checkpoint(checkpoint)
+    if identity is not None:
+        _intact[str(checkpoint)] = identity
+
+
+def latest_intact(
+    run_dir: str | os.PathLike, fetch: Callable[[str], Path] | None = None, skip: Collection[str] = ()
+) -> Path | None:
+    """The newest checkpoint of a run folder that verifies; each newer one that does not is named in a warning.
+
+    Args:
+        run_dir: the run folder, a local path or a URI.
+        fetch: for a run folder in object storage: a local copy of one of its checkpoints (Ray: `node_copy`). Each
+            is first checked for its manifest and size where it is, so a copy cut short is not downloaded.
+        skip: names of checkpoints to leave out (the caller found them corrupt already and said so).
+
+    Returns:
+        the checkpoint's local folder (in place, or `fetch`'s copy), or None when none verifies.
+    """
+    run_dir = str(run_dir)
+    names = [n for n in io.listdir(run_dir) if _CHECKPOINT_NAME.fullmatch(n) and n not in skip]
     skipped: list[str] = []
-    for candidate in reversed(list_checkpoints(directory)):
+    for name in reversed(names):
+        candidate = io.join(run_dir, name)
         try:
-            verify_checkpoint(candidate)
+            if io.is_uri(candidate):
+                if fetch is None:
+                    raise ValueError(f"latest_intact({run_dir}): a run folder in object storage needs `fetch`")
+                verify_checkpoint(candidate, checksum=False)
+                local = fetch(candidate)
+                verify_checkpoint(local)
+            else:
+                local = Path(candidate)
+                verify_local(local)
         except CorruptCheckpointError as err:
             log.warning("%s; trying the checkpoint before it", err)
-            skipped.append(candidate.name)
+            skipped.append(name)
             continue
         if skipped:
-            log.warning("resuming from %s instead of the newer %s, which cannot be used", candidate, ", ".join(skipped))
-        return candidate
+            log.warning("resuming from %s instead of the newer %s, which cannot be used", local, ", ".join(skipped))
+        return local
+    if names:
+        log.warning(
+            "%s: none of its %d checkpoints can be used; the run starts from the beginning", run_dir, len(names)
+        )
     return None
 
 

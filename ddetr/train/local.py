@@ -23,6 +23,7 @@ from ddetr.data.loader import build_dataloader
 from ddetr.data.transforms import TransformConfig
 from ddetr.train.checkpoints import (
     BEST,
+    CorruptCheckpointError,
     checkpoint_name,
     checkpoint_score,
     fetch_checkpoint,
@@ -31,6 +32,7 @@ from ddetr.train.checkpoints import (
     pointer_target,
     run_dir,
     update_pointers,
+    verify_local,
 )
 from ddetr.train.lease import RunLease
 from ddetr.train.logbook import Logbook
@@ -41,10 +43,11 @@ log = logging.getLogger(__name__)
 class LocalRuntime:
     """`fit`'s runtime for one process on one device.
 
-    Checkpoints go to `run_dir/checkpoint_<step>`: written in a temporary folder and renamed into place, then the
-    run's `best` and `latest` pointers are updated; the best `keep_checkpoints` by validation AP, the latest and the
-    one `best` names are kept. A run restarted with the same storage path and
-    name continues from its latest intact checkpoint; `resume` names another checkpoint to start from instead.
+    Checkpoints go to `run_dir/checkpoint_<step>` (`place_checkpoint`: durably, and verified in place), then the
+    run's `best` and `latest` pointers are updated and older checkpoints pruned (`prune_checkpoints`: the best
+    `keep_checkpoints` by validation AP, the newest intact one and the one `best` names are kept). A run restarted
+    with the same storage path and name continues from its latest intact checkpoint; `resume` names another
+    checkpoint to start from instead.
     """
 
     def __init__(self, cfg: Config, device: str | torch.device | None = None, resume: str | None = None) -> None:
@@ -110,24 +113,9 @@ class LocalRuntime:
             self.logbook.write("epoch", int(metrics.get("step", 0)), metrics)
         if checkpoint_dir is None:
             return
-        final = self.dir / checkpoint_name(int(metrics.get("step", 0)))
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        final = place_checkpoint(checkpoint_dir, self.dir, checkpoint_name(int(metrics.get("step", 0))))
         update_pointers(str(self.dir), final.name, metrics)
-        self._prune()
-
-    def _prune(self) -> None:
-        checkpoints = list_checkpoints(self.dir)
-        latest = checkpoints[-1] if checkpoints else None
-        ranked = sorted(checkpoints, key=lambda p: (checkpoint_score(p), p.name), reverse=True)
-        best = pointer_target(str(self.dir), BEST)  # what `ddetr eval/predict/serve RUN_DIR` load: never pruned
-        keep = set(ranked[: self.cfg.train.keep_checkpoints]) | {latest} | ({Path(best)} if best else set())
-        for p in checkpoints:
-            if p not in keep:
-                shutil.rmtree(p, ignore_errors=True)
+        prune_checkpoints(self.dir, self.cfg.train.keep_checkpoints, fresh=final)
 
     def preemption_deadline(self) -> float | None:
         return None  # one process on its own machine: nothing announces a preemption
@@ -143,3 +131,57 @@ class LocalRuntime:
             self.logbook.close()
         finally:
             self.lease.release()
+
+
+def place_checkpoint(source: str | os.PathLike, run_dir: str | os.PathLike, name: str) -> Path:
+    """Copy the checkpoint folder `source` into a local run folder as `name`, durably, and check it there.
+
+    The copy goes to `name.tmp`; its files and folder are fsync'ed, it is renamed to `name` and the run folder is
+    fsync'ed, so that after a power loss the run folder holds the whole new checkpoint under its name or none of it.
+    Only then may older checkpoints be pruned (`prune_checkpoints`).
+
+    Raises:
+        CorruptCheckpointError: the copy in place does not match its manifest (a failing disk).
+    """
+    final = Path(run_dir, name)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    io.fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)  # the same step written again (e.g. after a fallback resume)
+    os.replace(tmp, final)
+    io.fsync_dir(final.parent)
+    try:
+        verify_local(final)
+    except CorruptCheckpointError as err:
+        raise CorruptCheckpointError(f"{err}, right after it was copied there from {source}: check that disk") from err
+    return final
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int, fresh: Path | None = None) -> list[Path]:
+    """Delete the checkpoints of a local run folder that it need not keep; returns those deleted.
+
+    Kept: `fresh` (the checkpoint just written: a run resumed from an older checkpoint writes below newer ones), the
+    newest intact checkpoint, the `keep` intact ones of the highest val/AP (ties: the newer), and the one the run's
+    `best` pointer names (what `ddetr eval/predict/serve RUN_DIR` load). "Intact" is `verify_local`: a
+    checkpoint that fails it is neither the latest nor ranked, and it is not deleted either: the prune deletes only
+    checkpoints it has verified. A corrupt one newer than the newest intact is replaced when the resumed run writes
+    that step again.
+    """
+    checkpoints = list_checkpoints(run_dir)
+    intact = []
+    for p in checkpoints:
+        try:
+            verify_local(p)
+        except CorruptCheckpointError:
+            continue
+        intact.append(p)
+    if not intact:
+        return []
+    ranked = sorted(intact, key=lambda p: (checkpoint_score(p), p.name), reverse=True)
+    best = pointer_target(str(run_dir), BEST)
+    kept = set(ranked[:keep]) | {intact[-1], fresh} | ({Path(best)} if best else set())
+    pruned = [p for p in intact if p not in kept]
+    for p in pruned:
+        shutil.rmtree(p, ignore_errors=True)
+    return pruned

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import shutil
 import tempfile
 import time
@@ -41,7 +42,15 @@ from ddetr.data.pipeline import DetrCollateFn, build_ray_dataset
 from ddetr.data.shards import DataError
 from ddetr.data.transforms import TransformConfig
 from ddetr.train.callbacks import StepCallback
-from ddetr.train.checkpoints import checkpoint_name, run_dir
+from ddetr.train.checkpoints import (
+    CHECKPOINT_PREFIX,
+    MANIFEST_FILE,
+    CorruptCheckpointError,
+    checkpoint_name,
+    latest_intact,
+    run_dir,
+    verify_checkpoint,
+)
 from ddetr.train.engine import NonFiniteLossError
 from ddetr.train.lease import HEARTBEAT_S, STALE_AFTER, RunLease, new_owner
 from ddetr.train.logbook import Logbook
@@ -74,7 +83,7 @@ class RayRuntime:
         self.transforms = TransformConfig.for_training(cfg.data)
         self.logbook = Logbook(run_dir(cfg.train.storage_path, cfg.train.name), enabled=self.rank == 0)
         self._evaluator = CocoEvaluator.from_shards(cfg.data.val) if cfg.data.val else None
-        self._restored: Path | None = None
+        self._restored: list[Path] = []  # node copies of checkpoints in object storage, removed at the end
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.world_size == 1:
@@ -160,22 +169,60 @@ class RayRuntime:
 
     def latest_checkpoint(self) -> Path | None:
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:  # a restart: the run's latest registered checkpoint
-            source, filesystem = checkpoint.path, checkpoint.filesystem
-        elif self.resume:  # a new run from a checkpoint folder, local or in object storage
+        if checkpoint is not None:  # a restart, or the run's name again: its latest registered checkpoint
+            return self._intact_or_older(checkpoint.path, checkpoint.filesystem)
+        if self.resume:  # a new run from a checkpoint folder, local or in object storage (loading verifies it)
             filesystem, source = io.resolve(self.resume)
-        else:
-            return None
+            return self._local(source, filesystem)
+        return None
+
+    def _local(self, path: str, filesystem: pafs.FileSystem) -> Path:
+        """A checkpoint folder of `filesystem` as a local folder: itself when local (loading only reads), else the
+        node's copy (`node_copy`)."""
         if isinstance(filesystem, pafs.LocalFileSystem):
-            return Path(source)  # read where it is: loading only reads
-        self._restored = node_copy(source, filesystem)
-        return self._restored
+            return Path(path)
+        copy = node_copy(path, filesystem)
+        self._restored.append(copy)
+        return copy
+
+    def _intact_or_older(self, path: str, filesystem: pafs.FileSystem) -> Path | None:
+        """The checkpoint Ray Train registered last when it verifies; else, as the single-process runtime does, the
+        newest checkpoint of the run folder that verifies (`latest_intact`), named in the log and the logbook.
+
+        Ray Train would otherwise load the corrupt one on every retry until `max_failures` ends the run. Every rank
+        takes the same decision: all verify the same bytes (the run folder, or their node's copy of its objects).
+        """
+        local = self._local(path, filesystem)
+        try:
+            verify_checkpoint(local)
+            return local
+        except CorruptCheckpointError as err:
+            reason = str(err)
+        failed = posixpath.basename(path.rstrip("/"))
+        run = run_dir(self.cfg.train.storage_path, self.cfg.train.name)
+        log.warning("%s: the latest checkpoint Ray Train registered cannot be used; looking in %s", reason, run)
+
+        def fetch(uri: str) -> Path:
+            fs, inner = io.resolve(uri)
+            return self._local(inner, fs)
+
+        chosen = latest_intact(run, fetch=fetch, skip={failed})
+        if chosen is None:
+            log.warning("%s holds no intact checkpoint besides %s: the run starts from the beginning", run, failed)
+        else:
+            log.warning("resuming from %s instead of %s, which cannot be used", chosen.name, failed)
+        step = int(chosen.name.removeprefix(CHECKPOINT_PREFIX)) if chosen is not None else 0
+        self.logbook.write("checkpoint_fallback", step, {
+            "skipped": failed, "reason": reason, "checkpoint": chosen.name if chosen is not None else ""
+        })  # fmt: skip
+        return chosen
 
     def close(self) -> None:
         self.logbook.close()
-        # The node's copy goes with its local rank 0 (every rank of the node loaded it when it started).
-        if self._restored is not None and ray.train.get_context().get_local_rank() == 0:
-            shutil.rmtree(self._restored, ignore_errors=True)
+        # The node's copies go with its local rank 0 (every rank of the node loaded them when it started).
+        if ray.train.get_context().get_local_rank() == 0:
+            for copy in self._restored:
+                shutil.rmtree(copy.parent, ignore_errors=True)
 
 
 def node_copy(path: str, filesystem: pafs.FileSystem) -> Path:
@@ -183,24 +230,39 @@ def node_copy(path: str, filesystem: pafs.FileSystem) -> Path:
 
     The ranks of a node share it: the first to take the node's lock downloads into a temporary name (in large
     pieces: each piece is a request to the store; transient errors retried, `io.retried`) and renames it into
-    place; the others find it there.
+    place; the others find it there. The copy is known by the folder's path and its manifest, so a checkpoint
+    written again under the same name (a run resumed from an older one reaches that step again) is downloaded again.
+
+    Returns:
+        `<temp>/ddetr-restore/<key>/<the folder's name>` (remove its parent when done).
     """
-    key = hashlib.sha1(f"{filesystem.type_name}:{path}".encode()).hexdigest()[:16]
+
+    def read_manifest() -> bytes:
+        try:
+            with filesystem.open_input_stream(posixpath.join(path, MANIFEST_FILE)) as f:
+                return f.read()
+        except FileNotFoundError:  # verify_checkpoint names what is missing
+            return b""
+
+    manifest = io.retried(f"reading {path}/{MANIFEST_FILE}", read_manifest)
+    key = hashlib.sha1(f"{filesystem.type_name}:{path}:".encode() + manifest).hexdigest()[:16]
     folder = Path(tempfile.gettempdir(), "ddetr-restore", key)
+    name = posixpath.basename(path.rstrip("/"))  # kept, so that logs and fallbacks name the checkpoint
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not folder.exists():
+        if not (folder / name).is_dir():  # (a folder left without it: its copy was removed)
             tmp = folder.with_name(f"{key}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+            (tmp / name).mkdir(parents=True)
             log.info("downloading checkpoint %s", path)
             io.retried(
                 f"downloading checkpoint {path}",
-                lambda: pafs.copy_files(path, str(tmp), source_filesystem=filesystem, chunk_size=io.COPY_CHUNK),
+                lambda: pafs.copy_files(path, str(tmp / name), source_filesystem=filesystem, chunk_size=io.COPY_CHUNK),
             )
+            shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
-    return folder
+    return folder / name
 
 
 def upload_mode(cfg: Config) -> ray.train.CheckpointUploadMode:
