@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -159,3 +162,80 @@ def test_cuda_sources_compile(tmp_path):
         f"backward kernels over the budget of {nvcc.BACKWARD_REGISTER_BUDGET} registers and no spills "
         f"(fp32, bf16, fp16):\n{nvcc.format_table(over)}\n\nfull table:\n{table}"
     )
+
+
+# --- the build lock: every wait has an end ---------------------------------------------------------------------
+
+HOLD_THE_LOCK = """
+import sys, time
+from pathlib import Path
+from ddetr.ops import build
+with build.build_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_stale_torch_lock_left_by_a_killed_build_is_removed(tmp_path):
+    """A build killed mid-way leaves torch's `lock` file in the build folder; the next process used to wait for it
+    forever. Now it removes it with one warning and loads the op (from a copy of the cached build: no compiling)."""
+    library = build.build_extension()
+    folder = tmp_path / "build"
+    shutil.copytree(library.parent, folder, ignore=shutil.ignore_patterns(build.LOCK_FILE, build.TORCH_BATON))
+    (folder / build.TORCH_BATON).touch()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DDETR_MSDA_BUILD_DIR": str(folder)}
+    code = "from ddetr.ops import build; print(build.build_extension())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert not (folder / build.TORCH_BATON).exists()
+    warned = [line for line in result.stderr.splitlines() if str(folder / build.TORCH_BATON) in line]
+    assert len(warned) == 1 and "left by a build that was killed" in warned[0], result.stderr
+
+
+def test_a_live_builder_is_waited_for_until_the_timeout_and_its_death_frees_the_lock(tmp_path, monkeypatch):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setenv("DDETR_MSDA_BUILD_DIR", str(tmp_path))
+        monkeypatch.setenv(build.LOCK_TIMEOUT_ENV, "0.5")
+        tick = time.monotonic()
+        with pytest.raises(build.ExtensionBuildError) as caught:
+            build.build_extension()
+        assert time.monotonic() - tick < 5
+        message = str(caught.value)
+        assert "\n" not in message
+        assert str(tmp_path / build.LOCK_FILE) in message and f"pid {holder.pid} " in message
+        assert build.LOCK_TIMEOUT_ENV in message
+    finally:
+        holder.kill()  # as a build killed mid-way: its flock goes with it
+        holder.wait()
+    tick = time.monotonic()
+    with build.build_lock(tmp_path, timeout_s=5):
+        assert time.monotonic() - tick < 1
+
+
+def test_a_lock_timeout_that_is_not_a_number_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv(build.LOCK_TIMEOUT_ENV, "ten minutes")
+    with pytest.raises(build.ExtensionBuildError, match=rf"{build.LOCK_TIMEOUT_ENV} must be a number.*'ten minutes'"):
+        with build.build_lock(tmp_path):
+            pass
+
+
+def test_the_loader_imports_nothing_of_the_op():
+    """The op registers its Python parts with the loader (`build.when_loaded`); the loader imports no ddetr module,
+    so the two do not import each other."""
+    tree = ast.parse(Path(build.__file__).read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.startswith("ddetr")], imported
+    build.load_extension()
+    # Registered through the hook: the op's autograd formula is there.
+    value, *rest = [t.double() if t.is_floating_point() else t for t in _inputs()]
+    value.requires_grad_()
+    torch.ops.ddetr.ms_deform_attn_forward(value, *rest).sum().backward()
+    assert value.grad is not None and value.grad.shape == value.shape

@@ -1,22 +1,30 @@
 """Build and load the compiled multi-scale deformable attention op (`csrc/`), on first use only.
 
 `load_extension()` compiles `csrc/` with ninja through `torch.utils.cpp_extension.load` the first time it is called
-in a process (later processes reuse the cached build), loads it as `torch.ops.ddetr.*`, and has
-`ms_deform_attn.register_python_parts` register the op's autograd formula and its fake kernels (shape inference for
-`torch.compile`). Nothing here runs at import time.
+in a process (later processes reuse the cached build), loads it as `torch.ops.ddetr.*`, and calls what asked to be
+called once the library is loaded (`when_loaded`): the op module registers its autograd formula and its fake kernels
+(shape inference for `torch.compile`) that way, so this loader imports nothing of the op. Nothing here runs at import
+time.
+
+Builds of one build folder take turns under `build_lock`, a lock that dies with its holder; the wait for it has an
+end ($DDETR_MSDA_BUILD_LOCK_TIMEOUT_S).
 
 `build_extension()` does the same eagerly; `ddetr op build` calls it when a cluster node is set up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -41,6 +49,13 @@ _CUDA_CFLAGS = ["-O3"]  # torch adds its own -std (c++20) for nvcc
 _lock = threading.Lock()
 _loaded = False
 _error: str | None = None
+_on_load: list[Callable[[], None]] = []
+
+LOCK_FILE = "ddetr-build.lock"  # ours, in the build folder: held with flock while a process builds there
+TORCH_BATON = "lock"  # torch.utils.cpp_extension's own lock (a FileBaton) in the build folder
+LOCK_TIMEOUT_ENV = "DDETR_MSDA_BUILD_LOCK_TIMEOUT_S"
+# A CUDA build of every kernel variant takes minutes on a small node: wait that long for a live builder, not forever.
+LOCK_TIMEOUT_S = 1800.0
 
 
 class ExtensionBuildError(RuntimeError):
@@ -105,18 +120,21 @@ def build_extension(verbose: bool = False) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
-        cpp_extension.load(
-            name=name,
-            sources=sources,
-            extra_cflags=_CFLAGS + cpu_flags(),
-            extra_cuda_cflags=_CUDA_CFLAGS if cuda else None,
-            extra_ldflags=["-fopenmp"],
-            extra_include_paths=[str(CSRC)],
-            build_directory=str(directory),
-            with_cuda=cuda,
-            is_python_module=False,
-            verbose=verbose,
-        )
+        with build_lock(directory):
+            cpp_extension.load(
+                name=name,
+                sources=sources,
+                extra_cflags=_CFLAGS + cpu_flags(),
+                extra_cuda_cflags=_CUDA_CFLAGS if cuda else None,
+                extra_ldflags=["-fopenmp"],
+                extra_include_paths=[str(CSRC)],
+                build_directory=str(directory),
+                with_cuda=cuda,
+                is_python_module=False,
+                verbose=verbose,
+            )
+    except ExtensionBuildError:  # the build lock's: its message is whole already
+        raise
     except (RuntimeError, OSError, subprocess.CalledProcessError) as err:
         # Quote the compiler's output: torch puts it in the message, or only in the chained CalledProcessError.
         detail = getattr(err.__cause__, "output", None)
@@ -124,11 +142,100 @@ def build_extension(verbose: bool = False) -> Path:
         message = str(err) if detail.strip() in str(err) else f"{err}\n{detail}"
         raise ExtensionBuildError(f"building {name} from {CSRC} failed: {message}".strip()) from err
     logger.debug("ddetr.ops: %s ready in %.1f s (%s)", name, time.perf_counter() - start, directory)
-    # The op's autograd formula and fake kernels live beside the op; imported here, when the library exists.
-    from ddetr.ops.ms_deform_attn import register_python_parts
-
-    register_python_parts()
+    for register in _on_load:  # the ops exist now: their Python parts can be registered on them
+        register()
     return directory / f"{name}.so"
+
+
+def when_loaded(register: Callable[[], None]) -> None:
+    """Have `register` called each time the compiled library has been loaded in this process, at once when it has
+    been already. `register` must be idempotent.
+
+    The op module registers its autograd formula and fake kernels this way: it imports this loader, never the
+    other way round.
+    """
+    _on_load.append(register)
+    if _loaded:
+        register()
+
+
+def lock_timeout_s() -> float:
+    """Seconds to wait for another process's build of the same folder: $DDETR_MSDA_BUILD_LOCK_TIMEOUT_S, else 1800."""
+    raw = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return LOCK_TIMEOUT_S
+    try:
+        return float(raw)
+    except ValueError:
+        raise ExtensionBuildError(f"{LOCK_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold the build folder's lock for the length of the block: `flock` on `ddetr-build.lock` in it.
+
+    The kernel lets go of a flock when its holder dies, however it dies, so a killed build never blocks the next
+    one. Inside the lock no other ddetr process builds in this folder: torch's own lock there (`lock`, a plain
+    file that a killed build leaves behind and that every later build would wait on forever) is then stale, and is
+    removed with a warning.
+
+    Args:
+        directory: the build folder.
+        timeout_s: how long to wait for a live holder; None reads $DDETR_MSDA_BUILD_LOCK_TIMEOUT_S (default 1800).
+
+    Raises:
+        ExtensionBuildError: the lock was not free within the timeout (the message names the lock file, its holder
+            and what to do), or the lock file cannot be opened.
+    """
+    timeout = lock_timeout_s() if timeout_s is None else timeout_s
+    path = directory / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise ExtensionBuildError(
+            f"cannot open the op's build lock {path} ({err.strerror}): make the folder writable or set "
+            "DDETR_MSDA_BUILD_DIR to a writable one"
+        ) from None
+    try:
+        deadline = time.monotonic() + timeout
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ExtensionBuildError(
+                        f"waited {timeout:g} s for the op's build lock {path}, held by {_holder(fd)} that is still "
+                        f"building in {directory}: let it finish, or end that process (a lock of a process that is "
+                        f"gone frees itself), or raise {LOCK_TIMEOUT_ENV}"
+                    ) from None
+                if not waiting:
+                    waiting = True
+                    logger.info("ddetr.ops: waiting for %s, building the op in %s", _holder(fd), directory)
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        baton = directory / TORCH_BATON
+        if baton.exists():
+            logger.warning(
+                "ddetr.ops: removing %s, torch's build lock left by a build that was killed (no process holds %s)",
+                baton,
+                path,
+            )
+            baton.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # lets go of the flock
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as its holder wrote it into the lock file ("pid N on HOST")."""
+    try:
+        written = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        written = ""
+    return written or "another process"
 
 
 def load_extension() -> None:

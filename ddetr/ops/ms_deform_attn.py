@@ -4,7 +4,8 @@
 formulation in `gather.py` (what torch.export and ONNX see) or the compiled op (`csrc/`, built on first use by
 `build.py`). The choice of backend is made in `select_backend`.
 `register_python_parts` gives the compiled op its autograd formula and its fake kernels (shapes for torch.compile);
-the loader calls it once the library is loaded, never at import time.
+this module hands it to the loader (`build.when_loaded`), which calls it once the library is loaded, never at
+import time. The loader imports nothing of this module.
 """
 
 from __future__ import annotations
@@ -210,7 +211,8 @@ _registered = False
 def register_python_parts() -> None:
     """Register the autograd formula and the fake kernels of `torch.ops.ddetr.*`; once per process.
 
-    Called by `build.build_extension` right after the library is loaded (the ops must exist to register on).
+    Called by `build.build_extension` right after the library is loaded (the ops must exist to register on): this
+    module asks for that at import (`build.when_loaded`, at the end of the module).
     """
     global _registered
     if _registered:
@@ -251,3 +253,7 @@ def _backward(ctx, grad_output):
         build.deterministic_backward(),
     )
     return grad_value, None, None, grad_locations, grad_weights
+
+
+# The op registers itself once its library is loaded: the loader calls this back, without importing this module.
+build.when_loaded(register_python_parts)

@@ -25,8 +25,9 @@ class DataStallError(DataError):
     """No batch arrived within `data.watchdog_s`; the message names the likely cause and what to change."""
 
 
-def watched(batches: Iterable[dict], timeout_s: float) -> Iterator[dict]:
-    """`batches`, pulled by a helper thread, raising DataStallError when none comes within `timeout_s`.
+def watched(batches: Iterable[dict], timeout_s: float, what: str = "training") -> Iterator[dict]:
+    """`batches`, pulled by a helper thread, raising DataStallError when none comes within `timeout_s`; `what`
+    names the batches in its message ("training", "validation").
 
     The iterator is created here, in the caller's thread, so that what it draws from the generators (a
     DataLoader draws its workers' seeds) stays in the same order as without the watchdog.
@@ -52,7 +53,7 @@ def watched(batches: Iterable[dict], timeout_s: float) -> Iterator[dict]:
             batch, err = queue.get(timeout=timeout_s)
         except Empty:
             raise DataStallError(
-                f"no training batch for {timeout_s:g} s (data.watchdog_s). The likely cause: the data tasks get no "
+                f"no {what} batch for {timeout_s:g} s (data.watchdog_s). The likely cause: the data tasks get no "
                 "CPU, because the training workers hold them (train.num_workers x train.cpus_per_worker + "
                 "data.map_cpus above the cluster's CPUs): lower train.cpus_per_worker (0 derives it) or "
                 "data.map_cpus, or add nodes. On slow storage, raise data.watchdog_s"

@@ -297,6 +297,8 @@ def validate(cfg: Config, runtime: Runtime, run: Training) -> dict[str, float]:
         val = runtime.val_batches()
         if val is None:
             return {}
+        # Under the watchdog as the training batches are: a stalled validation pipeline ends in its error, not a hang.
+        val = watched(val, cfg.data.watchdog_s, "validation")
         predictions = predict_batches(model, run.postprocessors["bbox"], val, device=runtime.device, amp_dtype=dtype)
         metrics.update({f"{prefix}/{k}": v for k, v in runtime.evaluate(predictions).items()})
     return metrics
