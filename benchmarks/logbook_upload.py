@@ -8,7 +8,7 @@ other files when they changed; see `ddetr/train/log_mirror.py`).
 
 Against moto's S3 server on loopback, reached through a TCP proxy that counts the bytes every request sends (headers
 and bodies: what crosses the network); the server's request log gives the number of requests. Step records of the
-full model's size (~1 KB of JSON, 27 scalars), an epoch record (with its curve PNG) every 100 steps, and a sync
+full model's size (~1 KB of JSON, 32 scalars), an epoch record (with its curve PNG) every 100 steps, and a sync
 every K steps (a sync happens at most every 5 s: K=5 is a run at ~1 s per step, K=1 the worst case of a step that
 takes 5 s or more). Prints a table; writes `benchmarks/results/logbook-upload-cpu.json`.
 
