@@ -126,18 +126,16 @@ def make_inputs(folder: Path, n_images: int, size: tuple[int, int], scale: float
 
 def in_process(checkpoint: Path, images: list[bytes], requests: int, batch: int) -> dict[str, object]:
     """Decode and detect `requests` images in this process, `batch` at a time; latency is per predict call."""
-    from ddetr.deploy.serve import decode_image
     from ddetr.inference import Detector
 
     detector = Detector.from_checkpoint(checkpoint, device="cpu")
-    limit = 1 << 30
-    detector.predict([decode_image(images[0], limit, limit)] * batch)  # warm-up
+    detector.predict([detector.decode(images[0])[0]] * batch)  # warm-up
     latencies = []
     start = time.perf_counter()
     for i in range(0, requests, batch):
         t0 = time.perf_counter()
-        pixels = [decode_image(images[j % len(images)], limit, limit) for j in range(i, min(i + batch, requests))]
-        detector.predict(pixels)
+        decoded = [detector.decode(images[j % len(images)]) for j in range(i, min(i + batch, requests))]
+        detector.predict([pixels for pixels, _ in decoded], [size for _, size in decoded])
         latencies.append(time.perf_counter() - t0)
     seconds = time.perf_counter() - start
     return {"mode": f"in-process, batch {batch}", "concurrency": 1, "requests": requests, "errors": 0,

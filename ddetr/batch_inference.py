@@ -22,6 +22,7 @@ import numpy as np
 
 from ddetr import io
 from ddetr.data.decode import decode_rgb
+from ddetr.data.images import UNREADABLE
 from ddetr.data.shards import read_metadata, read_shard, shard_uris
 from ddetr.inference import coco_records
 
@@ -33,8 +34,10 @@ DETECTIONS_FILE = "detections.json"
 class DetectBatch:
     """Ray Data's callable class: one `Detector` per actor, a batch of shard rows in, their detections out.
 
-    Returns per image "image_id", "scores" (K,), "labels" (K,) and "boxes" (K * 4,) flat xyxy in the image's
-    pixels, as object arrays (K differs between images only if the model's top-k does).
+    Returns per image "image_id", "scores" (K,), "labels" (K,) and "boxes" (K * 4,) flat xyxy in the upright image's
+    pixels, as object arrays (K differs between images only if the model's top-k does). Images are decoded reduced
+    to the model's input size; one whose bytes do not decode is left out with a warning naming its image id (the
+    driver counts it as skipped), never failing its batch.
     """
 
     def __init__(self, checkpoint: str, device: str | None = None) -> None:
@@ -43,9 +46,19 @@ class DetectBatch:
         self.detector = Detector.from_checkpoint(checkpoint, device=device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = [decode_rgb(data) for data in batch["image"]]
-        detections = self.detector.predict(images)
-        out: dict[str, Any] = {"image_id": np.asarray(batch["image_id"], dtype=np.int64)}
+        ids, images, sizes = [], [], []
+        for image_id, data in zip(batch["image_id"], batch["image"], strict=True):
+            try:
+                pixels, size = self.detector.decode(data)
+            except UNREADABLE as err:
+                log.warning("skipping image_id %s: its bytes failed to decode (%s: %s)", image_id,
+                            type(err).__name__, err)  # fmt: skip
+                continue
+            ids.append(int(image_id))
+            images.append(pixels)
+            sizes.append(size)
+        detections = self.detector.predict(images, sizes) if images else []
+        out: dict[str, Any] = {"image_id": np.asarray(ids, dtype=np.int64)}
         for key in ("scores", "labels", "boxes"):
             column = np.empty(len(detections), dtype=object)
             column[:] = [d[key].reshape(-1).numpy() for d in detections]
@@ -75,7 +88,8 @@ def predict_shards(
         use_gpu: one GPU per actor (default: when the cluster has or can add GPUs).
 
     Returns:
-        {"images", "detections", "seconds", "images_per_s", "max_actors", "file"}.
+        {"images", "detections", "seconds", "images_per_s", "max_actors", "file", "skipped"}: images left out
+        because their bytes did not decode.
     """
     import ray
     import ray.data
@@ -126,9 +140,13 @@ def predict_shards(
                 log.info("%d / %d images", images, meta.num_images)
         f.write("]")
     seconds = time.perf_counter() - start
+    if images < meta.num_images:
+        log.warning("%d of %d images were skipped: their bytes failed to decode (the actors' warnings name them)",
+                    meta.num_images - images, meta.num_images)  # fmt: skip
     _draw_first(uris, first, out, threshold, {c["id"]: c["name"] for c in meta.categories})
     summary = {"images": images, "detections": detections, "seconds": round(seconds, 2),
-               "images_per_s": round(images / seconds, 2), "max_actors": max_actors, "file": path}  # fmt: skip
+               "images_per_s": round(images / seconds, 2), "max_actors": max_actors, "file": path,
+               "skipped": meta.num_images - images}  # fmt: skip
     log.info("%s", summary)
     return summary
 

@@ -213,7 +213,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ddetr.deploy.serve import ServeSettings, run
 
     names = ("checkpoint", "host", "port", "max_batch_size", "batch_wait_s", "min_replicas", "max_replicas",
-             "cpus_per_replica", "use_gpu", "threshold", "max_image_bytes", "name")  # fmt: skip
+             "cpus_per_replica", "use_gpu", "threshold", "max_image_bytes", "max_request_pixels",
+             "max_inflight_pixels", "request_timeout_s", "start_timeout_s", "name")  # fmt: skip
     run(ServeSettings(**{k: getattr(args, k) for k in names if getattr(args, k) is not None}))  # else its defaults
     return 0
 
@@ -357,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--cpu", dest="use_gpu", action="store_false", help="CPUs only (default: GPUs if the cluster has)")
     p.add_argument("--threshold", type=float, help="default lowest score returned, ?threshold= (default 0.5)")
     p.add_argument("--max-image-bytes", type=int, help="larger images are refused with 413 (default 8 MiB)")
+    p.add_argument("--max-request-pixels", type=int, help="of all images of a request, from their headers; 413 beyond "
+                   "(default 100 M)")  # fmt: skip
+    p.add_argument("--max-inflight-pixels", type=int, help="of the requests a replica holds; 503 beyond "
+                   "(default 400 M)")  # fmt: skip
+    p.add_argument("--request-timeout-s", type=float, help="a request not answered within it is cut (default 30)")
+    p.add_argument("--start-timeout-s", type=float, help="give up when the replicas do not start within it "
+                   "(default 300)")  # fmt: skip
     p.add_argument("--name", help="the Serve application's name (default ddetr)")
     p.set_defaults(func=cmd_serve)
 

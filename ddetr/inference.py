@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from ddetr import io
 from ddetr.config import Config, ConfigError, get_preset
 from ddetr.data.collate import pad_and_normalize
+from ddetr.data.images import UNREADABLE, decode_reduced, decode_upright
 from ddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformConfig, resized_size
 from ddetr.models import build_detector
 from ddetr.models.deformable_detr import DeformableDETR, PostProcess
@@ -65,11 +66,18 @@ class Detector:
         return detector
 
     @torch.no_grad()
-    def predict(self, images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+    def predict(
+        self, images: list[np.ndarray], sizes: list[tuple[int, int]] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
         """Detect objects in (H, W, 3) uint8 RGB images.
 
+        Args:
+            sizes: per image, the (h, w) whose pixels the boxes are given in; default its own. An image reduced at
+                decoding (`Detector.decode`) is detected in the pixels of the whole one this way: the model's boxes
+                are fractions of the image.
+
         Returns:
-            one dict per image: "scores" (K,), "labels" (K,) and "boxes" (K, 4) xyxy in the image's pixels.
+            one dict per image: "scores" (K,), "labels" (K,) and "boxes" (K, 4) xyxy in pixels of its size.
         """
         resized = []
         for im in images:
@@ -77,23 +85,35 @@ class Detector:
             resized.append(np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR)))
         batch, mask = pad_and_normalize(resized)
         outputs = self.model(batch.to(self.device), mask.to(self.device))
-        sizes = torch.tensor([im.shape[:2] for im in images], device=self.device)
-        return [{k: v.cpu() for k, v in r.items()} for r in self.postprocess(outputs, sizes)]
+        sizes = sizes if sizes is not None else [im.shape[:2] for im in images]
+        target = torch.tensor(sizes, dtype=torch.int64, device=self.device).reshape(-1, 2)
+        return [{k: v.cpu() for k, v in r.items()} for r in self.postprocess(outputs, target)]
+
+    def decode(self, data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
+        """An encoded image's pixels, upright and reduced to what this detector reads (`images.decode_reduced`),
+        and the (h, w) of the whole upright image."""
+        return decode_reduced(data, self.size, self.max_size)
 
     def predict_files(self, paths: list[str], batch_size: int = 4) -> dict[str, dict[str, torch.Tensor]]:
-        """Detections of each image file, by path. A file that is not a readable image is left out with a
-        warning naming it; the others are still detected."""
-        images = {}
-        for path in paths:
-            try:
-                images[path] = read_image(path)
-            except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-                log.warning("skipping %s: not a readable image (%s)", path, err)
+        """Detections of each image file, by path, boxes in pixels of the upright image (EXIF orientation applied).
+
+        Files are decoded a batch at a time, reduced to the model's input size. A file that is not a readable image
+        is left out with a warning naming it; the others are still detected.
+        """
         results: dict[str, dict[str, torch.Tensor]] = {}
-        readable = list(images)
-        for i in range(0, len(readable), batch_size):
-            chunk = readable[i : i + batch_size]
-            results.update(zip(chunk, self.predict([images[p] for p in chunk]), strict=True))
+        for i in range(0, len(paths), batch_size):
+            chunk, images, sizes = [], [], []
+            for path in paths[i : i + batch_size]:
+                try:
+                    pixels, size = self.decode(io.read_bytes(path))
+                except UNREADABLE as err:  # a missing file is an OSError too
+                    log.warning("skipping %s: not a readable image (%s: %s)", path, type(err).__name__, err)
+                    continue
+                chunk.append(path)
+                images.append(pixels)
+                sizes.append(size)
+            if chunk:
+                results.update(zip(chunk, self.predict(images, sizes), strict=True))
         return results
 
 
@@ -126,9 +146,8 @@ def hf_scale(folder: str | os.PathLike) -> float:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """(H, W, 3) uint8 RGB pixels of an image file (or URI)."""
-    with Image.open(BytesIO(io.read_bytes(path))) as picture:
-        return np.asarray(picture.convert("RGB"))
+    """(H, W, 3) uint8 RGB pixels of an image file (or URI), upright, at full size (`images.decode_upright`)."""
+    return decode_upright(io.read_bytes(path))
 
 
 def coco_records(image_id: int, scores: np.ndarray, labels: np.ndarray, boxes: np.ndarray) -> list[dict[str, Any]]:

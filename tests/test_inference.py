@@ -143,3 +143,25 @@ def test_export_hf_then_predict_from_the_folder_gives_the_same_detections(checkp
         assert a["category_id"] == b["category_id"]
         np.testing.assert_allclose(a["bbox"], b["bbox"], atol=1e-3)
         assert abs(a["score"] - b["score"]) < 1e-5
+
+
+def test_batch_inference_skips_an_image_that_does_not_decode_and_detects_the_rest(checkpoint, dataset, caplog):
+    from ddetr.batch_inference import DetectBatch
+
+    images = val_images(dataset)
+    ids = sorted(images)[:2]
+    encoded = []
+    for image_id in ids:
+        buffer = io.BytesIO()
+        Image.fromarray(images[image_id]).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    batch = {"image_id": np.asarray([ids[0], 99, ids[1]]),
+             "image": np.asarray([encoded[0], encoded[0][:200], encoded[1]], dtype=object)}  # fmt: skip
+    with caplog.at_level("WARNING"):
+        out = DetectBatch(str(checkpoint), device="cpu")(batch)
+    assert out["image_id"].tolist() == ids  # the truncated image is left out, its batch still detected
+    assert any("image_id 99" in r.getMessage() and "failed to decode" in r.getMessage() for r in caplog.records)
+    direct = Detector.from_checkpoint(checkpoint, device="cpu").predict([images[i] for i in ids])
+    for scores, boxes, det in zip(out["scores"], out["boxes"], direct, strict=True):
+        np.testing.assert_allclose(scores, det["scores"].numpy(), atol=1e-5)
+        np.testing.assert_allclose(boxes.reshape(-1, 4), det["boxes"].numpy(), atol=1e-3)

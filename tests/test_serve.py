@@ -2,7 +2,9 @@
 
 Detections over HTTP equal `Detector.predict` on the same pixels; every bad request gets its 4xx and the replica
 answers the next good one; concurrent requests are detected in batches of more than one image (the replica's
-batch counter, from GET /healthz); `ddetr serve` on a running cluster (RAY_ADDRESS) redeploys the application.
+batch counter, from GET /healthz); hostile input (a list of huge images, a 1x3000 image, a client that stalls its
+body) is refused or answered and the replica keeps serving; replicas that cannot be scheduled are given up on;
+`ddetr serve` on a running cluster (RAY_ADDRESS) redeploys the application.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from ddetr.train.loop import Training
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 CATEGORIES = [{"id": 1, "name": "rectangle"}, {"id": 2, "name": "ellipse"}, {"id": 3, "name": "triangle"}]
-MAX_IMAGE_BYTES = 40_000
-MAX_IMAGE_PIXELS = 160 * 160
+MAX_IMAGE_BYTES = 100_000
+MAX_IMAGE_PIXELS = 25_000_000  # the default: a 4900x4900 image passes on its own
+MAX_REQUEST_PIXELS = 30_000_000  # one such image per request
+REQUEST_TIMEOUT_S = 4.0
 MAX_BATCH = 4
 
 
@@ -109,7 +113,9 @@ def service(ray_local, hard_timeout, checkpoint):
 
     settings = ServeSettings(checkpoint=str(checkpoint), port=free_port(), max_batch_size=MAX_BATCH, batch_wait_s=0.3,
                              min_replicas=1, max_replicas=1, cpus_per_replica=0.5, use_gpu=False, threshold=0.0,
-                             max_image_bytes=MAX_IMAGE_BYTES, max_image_pixels=MAX_IMAGE_PIXELS)  # fmt: skip
+                             max_image_bytes=MAX_IMAGE_BYTES, max_image_pixels=MAX_IMAGE_PIXELS,
+                             max_request_pixels=MAX_REQUEST_PIXELS, max_inflight_pixels=2 * MAX_REQUEST_PIXELS,
+                             request_timeout_s=REQUEST_TIMEOUT_S)  # fmt: skip
     try:
         with hard_timeout(150):
             assert deploy(settings) is False  # the suite's Ray was up: nothing local started
@@ -169,9 +175,16 @@ def test_detections_over_http_equal_the_detector(service, detector, images):
 
 
 def _big_noise_png() -> bytes:
-    data = encode(np.random.default_rng(1).integers(0, 255, size=(150, 150, 3), dtype=np.uint8))
+    data = encode(np.random.default_rng(1).integers(0, 255, size=(200, 200, 3), dtype=np.uint8))
     assert len(data) > MAX_IMAGE_BYTES
     return data
+
+
+def _one_colour_png(width: int, height: int, mode: str = "RGB") -> bytes:
+    """A large image in a small file: what a pixel limit checked before decoding is for."""
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height), 128).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _gif() -> bytes:
@@ -185,7 +198,7 @@ BAD_REQUESTS = {  # name: (path and query, body, content type, status, words of 
     "not an image": ("/detect", b"this is not a JPEG", "image/jpeg", 400, "not a readable JPEG or PNG"),
     "truncated JPEG": ("/detect", None, "image/jpeg", 400, "not a readable JPEG or PNG"),
     "over the byte limit": ("/detect", _big_noise_png(), "image/png", 413, f"limit of {MAX_IMAGE_BYTES}"),
-    "over the pixel limit": ("/detect", encode(np.zeros((200, 200, 3), np.uint8)), "image/png", 413, "200x200"),
+    "over the pixel limit": ("/detect", _one_colour_png(5100, 5100, "L"), "image/png", 413, "5100x5100"),
     "wrong content type": ("/detect", b"hello", "text/plain", 415, "'text/plain'"),
     "no content type": ("/detect", b"hello", None, 415, "content type"),
     "a GIF": ("/detect", _gif(), "image/png", 415, "GIF"),
@@ -234,6 +247,64 @@ def test_concurrent_requests_are_batched(service, detector, images):
     assert max(after["batches"], key=int) <= str(MAX_BATCH)
 
 
+def test_a_list_of_huge_images_is_refused_before_decoding_and_memory_stays_bounded(service):
+    huge = _one_colour_png(4900, 4900)  # 24 M pixels in ~80 KB: 32 of them were 2.3 GB of arrays
+    before = get(f"{service.url}/healthz")[1]
+    body = json.dumps([base64.b64encode(huge).decode()] * 32).encode()
+    assert len(body) < 4 * 1024 * 1024
+    code, answer = post(f"{service.url}/detect", body, "application/json", timeout=20)
+    assert code == 413, answer
+    assert f"over the limit of {MAX_REQUEST_PIXELS} pixels per request: its first 2 images hold" in answer["error"]
+    # One of them alone is decoded reduced to the model's input size and detected in its own pixels.
+    code, result = post(f"{service.url}/detect", huge, "image/png", timeout=20)
+    assert code == 200 and (result["width"], result["height"]) == (4900, 4900) and len(result["detections"]) == 100
+    assert max(d["bbox"][0] + d["bbox"][2] / 2 for d in result["detections"]) > 80  # not the reduced image's pixels
+    after = get(f"{service.url}/healthz")[1]
+    assert after["inflight_pixels"] == 0  # every request's pixels given back
+    # Bounded: the old replica kept 32 full-size arrays (2.3 GB); the peak now grows by about one decoded image.
+    assert after["peak_rss_bytes"] - before["rss_bytes"] < 1024**3, (before, after)
+
+
+def test_a_sliver_of_an_image_is_answered_and_so_is_the_next(service, images):
+    code, result = post(f"{service.url}/detect", encode(np.full((1, 3000, 3), 90, np.uint8)), "image/png")
+    assert code == 200, result
+    assert (result["width"], result["height"]) == (3000, 1) and len(result["detections"]) == 100
+    code, result = post(f"{service.url}/detect", encode(images[0]), "image/png")
+    assert code == 200 and len(result["detections"]) == 100
+
+
+def test_a_client_that_stalls_its_body_is_cut_at_the_timeout(service, images):
+    good = encode(images[0])
+    head = (f"POST /detect HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(good)}\r\n\r\n").encode()  # fmt: skip
+    with socket.create_connection(("127.0.0.1", service.port), timeout=REQUEST_TIMEOUT_S + 30) as client:
+        client.sendall(head + good[:100])  # then nothing more
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert f"the body did not arrive within {REQUEST_TIMEOUT_S:g} s".encode() in answer
+    code, result = post(f"{service.url}/detect", good, "image/png")
+    assert code == 200 and len(result["detections"]) == 100
+
+
+def test_replicas_that_cannot_be_scheduled_are_given_up_on(service, checkpoint):
+    from ray import serve
+
+    from ddetr.deploy.serve import ReplicasNotRunning, ServeSettings, build_app, replica_resources, wait_until_running
+
+    settings = ServeSettings(checkpoint=str(checkpoint), cpus_per_replica=64, use_gpu=False, name="too_big")
+    serve._run(build_app(settings), _blocking=False, name=settings.name, route_prefix="/too_big")
+    try:
+        with pytest.raises(ReplicasNotRunning, match=r"after 2 s .*each asks for \{'CPU': 64, 'GPU': 0\}, the cluster"):
+            wait_until_running(settings.name, 2, replica_resources(settings))
+    finally:
+        serve.delete(settings.name, _blocking=False)  # a blocking delete waits ~20 s for the pending replica
+
+
 def test_settings_are_checked():
     from ddetr.deploy.serve import ServeSettings
 
@@ -243,6 +314,8 @@ def test_settings_are_checked():
         ServeSettings(checkpoint="x", max_batch_size=0)
     settings = ServeSettings.from_args({"checkpoint": "x", "max_batch_size": "4", "use_gpu": "false", "port": 9000})
     assert (settings.max_batch_size, settings.use_gpu, settings.port) == (4, False, 9000)
+    with pytest.raises(ConfigError, match="max_inflight_pixels .* must be at least max_request_pixels"):
+        ServeSettings(checkpoint="x", max_request_pixels=10, max_inflight_pixels=5)
     with pytest.raises(ConfigError, match="unknown serve settings"):
         ServeSettings.from_args({"checkpoint": "x", "batch": 4})
 

@@ -6,6 +6,12 @@ shard goes to a hidden temporary name and is renamed into place; a rerun skips e
 already there with the same settings (the shard assignment is deterministic, see ``shards.py``),
 and recounts its skips from the record stored in the shard's footer. ``dataset.json`` is written
 last, so its presence means the split is complete.
+
+Shards record images in their upright frame: a photo stored with an EXIF orientation is shown turned
+by the annotation tools that drew its boxes (CVAT, Label Studio, VIA), so its record's width/height
+and boxes are taken as those of the upright image; a record that gives the stored size of a
+quarter-turned photo is skipped as ``image_size_mismatch`` (``images.py``). Decoding turns the
+pixels upright to match.
 """
 
 from __future__ import annotations
@@ -216,7 +222,7 @@ def _write_shard(
         for name, value in (
             ("image_id", iid),
             ("file_name", rec["file_name"]),
-            ("height", rec["height"]),
+            ("height", rec["height"]),  # the upright size: check_image_bytes passed the record only if it is
             ("width", rec["width"]),
             ("image", data),
             ("shard", index),

@@ -18,7 +18,6 @@ one this process read before (``_footer``), and retries on I/O errors (``shards.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from collections import OrderedDict
@@ -31,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ddetr.data.images import decode_upright, open_image, orientation, swaps_sides, to_rgb8, upright
 from ddetr.data.shards import ShardFooter, read_footer, with_retries
 from ddetr.data.transforms import (
     Geometry,
@@ -71,25 +71,32 @@ def decode_failures() -> int:
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
-    """One encoded image as it is: the (H, W, 3) uint8 RGB array (inference, drawing)."""
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    """One encoded image as shown: the (H, W, 3) uint8 RGB array, upright by its EXIF orientation, 16-bit samples
+    scaled to 8 bits (``images.decode_upright``; inference, drawing)."""
+    return decode_upright(data)
 
 
 def decode_image(data: bytes, orig_size: tuple[int, int], geo: Geometry) -> np.ndarray:
     """Decode, crop, resize and flip one encoded image as ``geo`` says.
 
-    JPEGs are decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) whose size still covers the
-    output at the crop's resolution; the crop box is rescaled by the size actually decoded.
-    Returns the (oh, ow, 3) uint8 image.
+    ``orig_size`` (h, w) and ``geo`` are in the upright frame (what conversion records, see ``images``): the pixels
+    are turned upright by their EXIF orientation first. JPEGs are decoded at the smallest DCT scale (1, 1/2, 1/4,
+    1/8) whose size still covers the output at the crop's resolution; the crop box is rescaled by the size actually
+    decoded. Returns the (oh, ow, 3) uint8 image.
     """
     h, w = orig_size
     x0, y0, x1, y1 = geo.crop
     oh, ow = geo.out_size
-    img = Image.open(io.BytesIO(data))
+    img = open_image(data)
+    turn = orientation(img)
+    if swaps_sides(turn) and img.size == (w, h) and w != h:
+        # A shard converted before orientations were applied recorded the stored frame: keep to it.
+        turn = 1
     scale = max(ow / (x1 - x0), oh / (y1 - y0))
     if scale < 1:
-        img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))  # a no-op for non-JPEG files
-    img = img.convert("RGB")
+        dw, dh = math.ceil(w * scale), math.ceil(h * scale)
+        img.draft("RGB", (dh, dw) if swaps_sides(turn) else (dw, dh))  # the stored frame; a no-op but for JPEGs
+    img = upright(to_rgb8(img), turn)
     dw, dh = img.size
     fx, fy = dw / w, dh / h
     out = img.resize((ow, oh), Image.BILINEAR, box=(x0 * fx, y0 * fy, x1 * fx, y1 * fy))

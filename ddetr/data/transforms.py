@@ -82,16 +82,25 @@ class Geometry:
 
 
 def resized_size(h: int, w: int, size: int, max_size: int | None) -> tuple[int, int]:
-    """Output (h, w) with the shorter side ``size`` and the longer at most ``max_size`` (DETR's rule)."""
-    if max_size is not None:
-        short, long = min(h, w), max(h, w)
-        if long / short * size > max_size:
-            size = int(round(max_size * short / long))
-    if (w <= h and w == size) or (h <= w and h == size):
-        return h, w
-    if w < h:
-        return int(size * h / w), size
-    return size, int(size * w / h)
+    """Output (h, w) with the shorter side ``size`` and the longer at most ``max_size`` (DETR's rule), every side
+    at least 1 pixel.
+
+    Beyond DETR: an image of extreme aspect ratio (1x3000) gets a shorter side of 1 pixel where DETR's rule would give
+    0, and a longer side of ``max_size`` where it would keep the image's own (3000); DETR's rounding may still leave
+    the longer side a pixel over ``max_size``, as it always did.
+    """
+    short, long = min(h, w), max(h, w)
+    capped = max_size is not None and long / short * size > max_size
+    if capped:
+        size = int(round(max_size * short / long))
+    if short == size:
+        out_short, out_long = short, long
+    else:
+        out_short, out_long = size, int(size * long / short)
+    if capped and (out_short < 1 or out_long > max_size + 1):  # the short side rounded to 0 pixels, or kept at 1
+        out_short, out_long = max(out_short, 1), max_size
+    out_long = max(out_long, 1)
+    return (out_long, out_short) if w < h else (out_short, out_long)
 
 
 def sample_train_geometry(h: int, w: int, cfg: TransformConfig, rng: np.random.Generator) -> Geometry:

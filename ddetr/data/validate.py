@@ -16,6 +16,8 @@ from typing import Any
 
 from PIL import Image
 
+from ddetr.data.images import orientation, swaps_sides
+
 CLIP_TOLERANCE = 1.0  # pixels; COCO itself has boxes a fraction of a pixel past the border
 MAX_EXAMPLES = 20  # skipped records kept verbatim in the summary, per run
 
@@ -189,18 +191,21 @@ def check_image_bytes(data: bytes | None, record: dict[str, Any], image_id: int,
         return Skip("image_missing", path, image_id=image_id, field="images.file_name", detail="file not found")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            size = img.size
-            img.draft("RGB", (max(size[0] // 8, 1), max(size[1] // 8, 1)))
+            stored, turn = img.size, orientation(img)
+            img.draft("RGB", (max(stored[0] // 8, 1), max(stored[1] // 8, 1)))
             img.load()
     except Exception as err:  # Pillow raises many types for bad data
         return Skip("image_undecodable", path, image_id=image_id, field="image", detail=f"{type(err).__name__}: {err}")
+    size = (stored[1], stored[0]) if swaps_sides(turn) else stored  # records describe the upright image (images.py)
     if size != (record["width"], record["height"]):
+        turned = f" upright (stored {stored[0]}x{stored[1]} with EXIF orientation {turn})" if size != stored else ""
         return Skip(
             "image_size_mismatch",
             path,
             image_id=image_id,
             field="images.width/height",
-            detail=f"file is {size[0]}x{size[1]}, record says {record['width']}x{record['height']}",
+            detail=f"file is {size[0]}x{size[1]}{turned}, record says {record['width']}x{record['height']}"
+            + ("; the record and its boxes must be those of the upright image" if turned else ""),
         )
     return None
 
