@@ -305,6 +305,19 @@ def test_replicas_that_cannot_be_scheduled_are_given_up_on(service, checkpoint):
         serve.delete(settings.name, _blocking=False)  # a blocking delete waits ~20 s for the pending replica
 
 
+def test_the_in_flight_budget_refuses_what_does_not_fit_until_it_is_given_back():
+    from ddetr.deploy.admission import BadRequest, PixelBudget
+
+    budget = PixelBudget(100)
+    budget.take(60)
+    with pytest.raises(BadRequest, match="holds 60 pixels .* this request's 50 would pass its limit of 100") as err:
+        budget.take(50)
+    assert (err.value.status, err.value.retry_after_s, budget.used) == (503, 1, 60)
+    budget.give(60)
+    budget.take(100)
+    assert budget.used == 100
+
+
 def test_settings_are_checked():
     from ddetr.deploy.serve import ServeSettings
 
