@@ -303,9 +303,16 @@ def resolved(settings: ServeSettings) -> ServeSettings:
     Raises:
         FileNotFoundError: no checkpoint there, naming the path.
     """
-    from ddetr import io
-    from ddetr.train.checkpoints import resolve_checkpoint
+    import posixpath
 
+    from ddetr import io
+    from ddetr.train.checkpoints import is_checkpoint_name, resolve_checkpoint
+
+    name = posixpath.basename(settings.checkpoint.rstrip("/"))
+    if is_checkpoint_name(name) or name.endswith((".pth", ".pt")):
+        # Names one checkpoint already: used as it is, without asking its storage (the replicas read it, and a
+        # RayService manifest is validated where its bucket cannot be reached).
+        return dataclasses.replace(settings, checkpoint=io.absolute(settings.checkpoint))
     return dataclasses.replace(settings, checkpoint=io.absolute(resolve_checkpoint(settings.checkpoint)))
 
 

@@ -76,6 +76,11 @@ class TrainState:
     best_ap: float = -1.0
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """Whether `name` is a checkpoint folder's name (`checkpoint_<8 digits>`, not a copy cut short)."""
+    return _CHECKPOINT_NAME.fullmatch(name) is not None
+
+
 def checkpoint_name(step: int) -> str:
     """The folder name of the checkpoint taken after optimizer step `step`."""
     return f"{CHECKPOINT_PREFIX}{step:08d}"
