@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch is enough here; on a GPU machine use e.g. `make TORCH=torch`.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup dev demo test lint bench op clean
+.PHONY: setup dev demo test lint floor bench op clean
 
 # setup: what the package needs; dev: plus the test tools (pytest, ruff, moto, onnxruntime), for test and lint.
 setup: $(VENV)/.installed
@@ -30,6 +30,11 @@ test: dev
 
 lint: dev
 	$(VENV)/bin/ruff check ddetr tests benchmarks tune jobs && $(VENV)/bin/ruff format --check ddetr tests benchmarks tune jobs
+
+# floor: the lowest declared Ray, torch and pyarrow, installed together (cached in ~/.cache/ddetr-ci), run the op and a
+# tiny Ray training (what CI runs after test and lint).
+floor:
+	bash .ci/floor
 
 op: setup
 	$(VENV)/bin/ddetr op build

@@ -1,12 +1,14 @@
 """Submit ddetr training, evaluation, prediction and sweeps to a Ray cluster as Ray Jobs, follow, list, stop them.
 
-This module only builds two things, the job's entrypoint (a `ddetr` command line) and its runtime environment
-(the checkout as the working directory), and hands them to Ray's `JobSubmissionClient`:
+This module only builds two things, the job's entrypoint (a `ddetr` command line, `job_entrypoints.py`) and its
+runtime environment (the checkout as the working directory), and hands them to Ray's `JobSubmissionClient`:
 
     ddetr submit train --preset tiny --data s3://bucket/coco-shards train.name=tiny-a train.epochs=2 --follow
+    ddetr submit train --config runs/tune/SWEEP/best_config.json train.epochs=50     a sweep's best config
+    ddetr submit train --config exp.yaml --data s3://bucket/coco --resume s3://bucket/runs/RUN/latest
     ddetr submit eval --checkpoint s3://bucket/runs/tiny/checkpoint_000009 --data s3://bucket/coco-shards
     ddetr submit predict --checkpoint s3://bucket/runs/tiny/checkpoint_000009 --shards s3://b/val --out s3://b/p
-    ddetr submit tune --data s3://bucket/coco-shards --space tune/spaces/default.yaml --max-concurrent 4
+    ddetr submit tune --preset deformable_detr --data s3://bucket/coco-shards --max-concurrent 4
     ddetr submit run --entrypoint "ddetr data synth --out /tmp/synth" --follow
     ddetr submit --list                   ddetr submit --follow JOB_ID          ddetr submit --stop JOB_ID
     ddetr submit logs JOB_ID              ddetr submit status JOB_ID
@@ -15,6 +17,10 @@ This module only builds two things, the job's entrypoint (a `ddetr` command line
 job asking for resources no node has waits in PENDING while the autoscaler adds one; `eval` and `predict` ask for
 `--gpus` (default 1) for their driver, so they run on a GPU node and not on the CPU head: give `--gpus 0` on a
 cluster without GPUs.
+
+A local `--config` file (and a sweep's local `--space` file) travels inside the entrypoint, whatever the working
+directory holds: its text is written to a temporary file on the node that runs the job (`job_entrypoints.py`).
+A `--resume` checkpoint, like `--data`, must be where the cluster can read it (s3://, gs://, shared storage).
 
 The cluster is expected to have ddetr and its dependencies installed and the op prebuilt (`ddetr op build`):
 the setup commands of `cluster/*.yaml` and the image of `cluster/kuberay/` do both. The working directory is
@@ -33,13 +39,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from ddetr.job_entrypoints import (  # noqa: F401 - the entrypoint builders are part of this module's interface
+    EntrypointError,
+    eval_entrypoint,
+    predict_entrypoint,
+    shown,
+    train_entrypoint,
+    tune_entrypoint,
+)
 from ddetr.sweep.options import add_arguments as add_tune_arguments
 from ddetr.sweep.options import to_argv
 
@@ -55,6 +68,7 @@ def _checkout() -> Path | None:
 
 REPO_ROOT = _checkout()  # shipped as the job's working_dir; None: the job runs the ddetr installed on the cluster
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+SUBMITTING = ("train", "eval", "predict", "tune", "run")  # the commands that submit a job
 
 # Kept out of the uploaded working directory (gitignore syntax, relative to the repository root): environments,
 # datasets, run outputs and build artefacts. Ray also honours .gitignore; these hold when it is missing.
@@ -83,34 +97,7 @@ class SubmitError(RuntimeError):
     """A problem the user can fix (unreachable dashboard, missing token); printed without a traceback."""
 
 
-# ---- what the job runs ---------------------------------------------------------------------------------------
-
-
-def train_entrypoint(preset: str, data: str, overrides: Sequence[str] = (), storage: str | None = None) -> str:
-    """`ddetr train --preset PRESET --data DATA [train.storage_path=STORAGE] [OVERRIDES...]`, shell-quoted.
-
-    `storage` (an s3:// or gs:// URI) is where checkpoints go; overrides given later win over it.
-    """
-    args = ["ddetr", "train", "--preset", preset, "--data", data]
-    if storage:
-        args.append(f"train.storage_path={storage}")
-    return shlex.join([*args, *overrides])
-
-
-def eval_entrypoint(checkpoint: str, data: str) -> str:
-    """`ddetr eval --checkpoint CHECKPOINT --data DATA`, shell-quoted."""
-    return shlex.join(["ddetr", "eval", "--checkpoint", checkpoint, "--data", data])
-
-
-def predict_entrypoint(checkpoint: str, shards: str, out: str, actors: int | None = None) -> str:
-    """`ddetr predict --checkpoint CHECKPOINT --shards SHARDS --out OUT [--actors N]`, shell-quoted."""
-    args = ["ddetr", "predict", "--checkpoint", checkpoint, "--shards", shards, "--out", out]
-    return shlex.join(args + (["--actors", str(actors)] if actors else []))
-
-
-def tune_entrypoint(args: Sequence[str]) -> str:
-    """`ddetr tune ARGS...`, shell-quoted: the sweep's driver runs as the job's entrypoint, on the head."""
-    return shlex.join(["ddetr", "tune", *args])
+# ---- where the job runs -------------------------------------------------------------------------------------
 
 
 def runtime_env(
@@ -233,7 +220,7 @@ def list_jobs(client: JobSubmissionClient, out: TextIO | None = None) -> list[An
     jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0, reverse=True)
     for job in jobs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else "-"
-        out.write(f"{job.submission_id or job.job_id}  {job.status.value:<9}  {started}  {job.entrypoint}\n")
+        out.write(f"{job.submission_id or job.job_id}  {job.status.value:<9}  {started}  {shown(job.entrypoint)}\n")
     return jobs
 
 
@@ -294,9 +281,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--no-working-dir", action="store_true", help="run the code installed on the cluster")
         return p
 
-    p = submitting("train", "train a model: ddetr train --preset ... --data ...")
-    p.add_argument("--preset", required=True, help="named config, e.g. tiny, deformable_detr, box_refine, two_stage")
-    p.add_argument("--data", required=True, help="dataset directory or URI of COCO shards (s3://, gs://)")
+    p = submitting("train", "train a model: ddetr train --preset ... | --config ... [--data ...]")
+    p.add_argument(
+        "--preset", help="named config, e.g. tiny, deformable_detr, box_refine, two_stage (default: the config file's)"
+    )
+    p.add_argument(
+        "--config",
+        help="a YAML or JSON config file, e.g. a sweep's best_config.json; a local file is sent with the job",
+    )
+    p.add_argument(
+        "--data", help="dataset directory or URI of COCO shards (s3://, gs://); may come from --config instead"
+    )
+    p.add_argument("--resume", help="checkpoint or run folder to start from, where the cluster can read it")
     p.add_argument(
         "--storage",
         default=os.environ.get("DDETR_STORAGE"),
@@ -328,9 +324,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def entrypoint_for(args: argparse.Namespace) -> str:
-    """The entrypoint of a parsed `train`, `eval` or `run` command line."""
+    """The entrypoint of a parsed `train`, `eval`, `predict`, `tune` or `run` command line.
+
+    Raises:
+        SubmitError: `train` without --preset or --config, or without --data when no --config may hold it; a local
+            file that cannot travel with the job.
+    """
+    try:
+        return _entrypoint(args)
+    except EntrypointError as e:
+        raise SubmitError(f"ddetr submit {args.command}: {e}") from None
+
+
+def _entrypoint(args: argparse.Namespace) -> str:
     if args.command == "train":
-        return train_entrypoint(args.preset, args.data, args.overrides, args.storage)
+        if not (args.preset or args.config):
+            raise SubmitError(
+                "ddetr submit train: give --preset NAME or --config FILE (e.g. a sweep's best_config.json)"
+            )
+        if not (args.data or args.config):
+            raise SubmitError("ddetr submit train: give --data (a dataset folder or URI the cluster can read)")
+        return train_entrypoint(
+            args.preset, args.data, args.overrides, args.storage, config=args.config, resume=args.resume
+        )
     if args.command == "eval":
         return eval_entrypoint(args.checkpoint, args.data)
     if args.command == "predict":
@@ -340,11 +356,10 @@ def entrypoint_for(args: argparse.Namespace) -> str:
     return args.entrypoint
 
 
-def _submit(client: JobSubmissionClient, args: argparse.Namespace) -> str:
-    entrypoint = entrypoint_for(args)
+def _submit(client: JobSubmissionClient, args: argparse.Namespace, entrypoint: str) -> str:
     env = runtime_env(None if args.no_working_dir else REPO_ROOT, dict(args.env), args.pip)
     job_id = submit(client, entrypoint, env, args.job_id, num_cpus=args.cpus, num_gpus=args.gpus)
-    print(f"submitted {job_id}: {entrypoint}", file=sys.stderr)
+    print(f"submitted {job_id}: {shown(entrypoint)}", file=sys.stderr)
     return job_id
 
 
@@ -360,6 +375,8 @@ def _follow(client: JobSubmissionClient, job_id: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Before connecting: a mistake in the command line is told without a cluster.
+    entrypoint = entrypoint_for(args) if args.command in SUBMITTING else ""
     client = connect(args.address)
     if args.list:
         list_jobs(client)
@@ -369,8 +386,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.stop_job:
         print(f"{args.stop_job}: {stop(client, args.stop_job).value}")
         return 0
-    if args.command in ("train", "eval", "predict", "tune", "run"):
-        job_id = _submit(client, args)
+    if args.command in SUBMITTING:
+        job_id = _submit(client, args, entrypoint)
         if args.follow:
             return _follow(client, job_id)
         print(

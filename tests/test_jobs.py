@@ -230,3 +230,25 @@ def test_missing_or_wrong_token_is_explained(
         submit.connect(address)
     with pytest.raises(submit.SubmitError, match="rejected the token"):
         submit.connect(address, token="wrong")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_local_config_sent_with_the_job_is_read_on_the_cluster(head: tuple[str, str], tmp_path: Path) -> None:
+    """Ray's job supervisor runs the entrypoint with /bin/sh: the config file written there from the entrypoint's
+    text is read by the command; `--list` shows the command, not the text."""
+    from ddetr.job_entrypoints import command
+
+    address, token = head
+    client = submit.connect(address, token=token)
+    config = tmp_path / "exp.yaml"
+    config.write_text("preset: tiny\nmodel: {num_queries: 23}  # a comment, 'quotes' and $HOME stay as they are\n")
+    entrypoint = command([sys.executable, "-m", "ddetr.cli", "config", "--config", str(config)])
+    config.unlink()  # the job has the text, not the path
+    job_id = submit.submit(client, entrypoint, submit.runtime_env(working_dir=None))
+    assert submit.wait(client, job_id, timeout_s=120) == JobStatus.SUCCEEDED, client.get_job_logs(job_id)
+    assert "num_queries: 23" in client.get_job_logs(job_id)
+    listed = io.StringIO()
+    submit.list_jobs(client, listed)
+    line = next(line for line in listed.getvalue().splitlines() if line.startswith(job_id))
+    assert line.endswith(' -m ddetr.cli config --config "$f1"/exp.yaml'), line

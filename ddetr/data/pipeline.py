@@ -28,6 +28,7 @@ those turns.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -83,6 +84,35 @@ class IdleLoopThrottle(ExecutionCallback):
         if rest > 0:
             time.sleep(rest)
         self._last = time.perf_counter()
+
+
+# Ray Data's notice when its first operator has not been able to reserve its minimum CPUs for 60 s: "Cluster
+# resources are not enough to run any task from ... The job may hang forever unless the cluster scales up." In
+# training it means the training workers hold most CPUs, while the decode tasks still run as CPUs come free (it
+# came several times per epoch on a 2-CPU machine that trained at full speed).
+STARVATION_NOTICE = "Cluster resources are not enough to run any task from"
+STARVATION_LOGGER = "ray.data._internal.execution.resource_manager"
+
+
+class _HideStarvationNotice(logging.Filter):
+    """Marks the notice hidden: Ray Data's console handler drops hidden records (its `HiddenRecordFilter`), while
+    its log file (ray-data.log in the session's logs) still gets it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(STARVATION_NOTICE):
+            record.hide = True
+        return True
+
+
+def hide_starvation_notice() -> None:
+    """Keep Ray Data's "may hang forever unless the cluster scales up" notice off this process's console.
+
+    For a consumer that turns a real stall into an error itself (the training loop's data watchdog,
+    `data.watchdog_s`), where the notice only alarms. Idempotent.
+    """
+    logger = logging.getLogger(STARVATION_LOGGER)
+    if not any(isinstance(f, _HideStarvationNotice) for f in logger.filters):
+        logger.addFilter(_HideStarvationNotice())
 
 
 def build_ray_dataset(

@@ -12,6 +12,9 @@ from ddetr.models.deformable_transformer import build_deformable_transformer
 from ddetr.models.matcher import build_matcher
 
 log = logging.getLogger(__name__)
+# A log record's attribute for what every rank of a run says alike (it describes the config, not the rank): the Ray
+# workers' logging (`train/ray_worker.py: quiet_worker_logs`) keeps it to rank 0's console, once per run.
+SAME_ON_EVERY_RANK = "same_on_every_rank"
 
 
 def build_detector(
@@ -31,6 +34,7 @@ def build_detector(
             "numbers assume ImageNet weights (model.pretrained_backbone=imagenet)",
             m.pretrained_backbone,
             m.backbone,
+            extra={SAME_ON_EVERY_RANK: True},
         )
     backbone = build_backbone(
         m.backbone,

@@ -1,7 +1,12 @@
 """A Ray Tune sweep over Deformable DETR settings, each trial a Ray Train run, stopped early by ASHA on val AP.
 
-    ddetr tune --preset tiny --data data/synth --space tune/spaces/default.yaml --samples 8 \\
+    ddetr tune --preset box_refine --data data/coco --samples 16 train.epochs=12        the packaged default space
+    ddetr tune --preset tiny --data data/synth --space tune/spaces/tiny.yaml --samples 8 \\
         --max-concurrent 2 --name tiny_default --storage runs/tune data.scale=0.2 train.epochs=3 ...
+
+Without `--space` a sweep searches the paper-scale space packaged with ddetr (`space.packaged_space()`,
+ddetr/sweep/spaces/default.yaml: focal weight and alpha, 100 or 300 queries, the refinement variants, lr) around the
+preset named by `--preset` (default deformable_detr).
 
 Each trial is a driver function (`run_trial`) that builds and fits a `TorchTrainer` whose `TuneReportCallback`
 forwards every epoch's metrics to Tune; `Tuner(trainer)` does not exist in Ray Train V2. The driver asks for 0.01
@@ -50,7 +55,7 @@ from ddetr.sweep.asha import STATE_FILE, ResumableASHA, refuse_pickled_state
 from ddetr.sweep.inputs import SweepInputs, check_inputs
 from ddetr.sweep.options import add_arguments, to_argv
 from ddetr.sweep.report import METRIC, plot_ap, trial_rows, write_best_config, write_table
-from ddetr.sweep.space import load_space, param_space, trial_config
+from ddetr.sweep.space import load_space, packaged_space, param_space, trial_config
 from ddetr.train import build_trainer, check_result
 
 log = logging.getLogger("ddetr.sweep")
@@ -293,6 +298,7 @@ def claim_sweep_folder(args: argparse.Namespace, space: dict[str, dict[str, list
 
 def run(args: argparse.Namespace) -> int:
     """Run the sweep of parsed `ddetr tune` arguments (on a local Ray of its own when no cluster is given)."""
+    args.space = args.space or str(packaged_space())  # its stem, "default", names the sweep as a file's would
     space = load_space(args.space)
     storage, name = claim_sweep_folder(args, space)
     if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():

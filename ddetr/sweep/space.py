@@ -1,10 +1,11 @@
 """Search spaces: a YAML file of flat config keys, each mapped to one distribution, turned into Tune's param space.
 
-    # tune/spaces/default.yaml
+    # ddetr/sweep/spaces/default.yaml, the packaged default of `ddetr tune` (paper scale)
     loss.cls_loss_coef: {loguniform: [0.5, 8.0]}
     loss.focal_alpha: {uniform: [0.1, 0.5]}
-    model.num_queries: {choice: [10, 20, 30]}
+    model.num_queries: {choice: [100, 300]}
     refinement: {choice: [none, box_refine, two_stage]}
+    train.lr: {loguniform: [5.0e-5, 5.0e-4]}
 
 Distributions: `choice: [v, ...]`, `grid: [v, ...]` (every value, times `--samples`), `uniform: [low, high]`,
 `loguniform: [low, high]`, `randint: [low, high]` (high excluded, as in Tune), `quniform: [low, high, q]`.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +41,32 @@ REFINEMENTS: dict[str, tuple[bool, bool]] = {
 }
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
+DEFAULT_SPACE = "default"  # ddetr/sweep/spaces/default.yaml, shipped in the wheel (pyproject's package-data)
 
 
-def load_space(path: str | Path) -> dict[str, dict[str, list]]:
-    """Read and check a search-space file: {flat key: {distribution: arguments}}.
+def packaged_space(name: str = DEFAULT_SPACE) -> Path:
+    """The search-space file `name` shipped inside the ddetr package (ddetr/sweep/spaces/NAME.yaml).
+
+    Raises:
+        FileNotFoundError: no such packaged space (naming the ones there are).
+    """
+    spaces = resources.files("ddetr.sweep").joinpath("spaces")
+    path = Path(str(spaces.joinpath(f"{name}.yaml")))  # a package installed as files: a real path
+    if not path.is_file():
+        known = sorted(Path(str(p)).stem for p in spaces.iterdir() if str(p).endswith(".yaml"))
+        raise FileNotFoundError(f"no packaged search space {name!r} in {spaces} (there are: {', '.join(known)})")
+    return path
+
+
+def load_space(path: str | Path | None = None) -> dict[str, dict[str, list]]:
+    """Read and check a search-space file (default: the packaged `packaged_space()`): {flat key: {distribution:
+    arguments}}.
 
     Raises:
         ValueError: a key that is not a config field (nor "refinement"), an unknown distribution, bad arguments;
             the message names the file and the key.
     """
-    path = Path(path)
+    path = packaged_space() if path is None else Path(path)
     space = yaml.safe_load(path.read_text()) or {}
     if not isinstance(space, dict):
         raise ValueError(f"{path}: a search space maps flat config keys to distributions, got {type(space).__name__}")

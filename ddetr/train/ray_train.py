@@ -25,6 +25,7 @@ from ddetr.config import Config, ConfigError, named
 from ddetr.data.shards import DataError
 from ddetr.train.callbacks import StepCallback
 from ddetr.train.checkpoints import run_dir, update_pointers
+from ddetr.train.console import quiet_forwarded_lines
 from ddetr.train.engine import NonFiniteLossError
 from ddetr.train.ray_worker import (  # noqa: F401 - re-exported: the adapter's public names live here
     DATA_ERROR_KEY,
@@ -140,6 +141,8 @@ def build_trainer(
     # Read by Ray Train's controller from the driver's environment when the run starts.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(t.worker_start_timeout_s)
     pin_data_stats_actor()
+    if not verbose():
+        quiet_forwarded_lines()  # Ray's harmless error lines stay off this driver's console (console.py)
     return ray.train.torch.TorchTrainer(
         WorkerLoop(step_callbacks),
         train_loop_config=config,

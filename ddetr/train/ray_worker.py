@@ -38,7 +38,7 @@ from torch import nn
 from ddetr import io
 from ddetr.config import Config, ConfigError
 from ddetr.data.coco_eval import CocoEvaluator
-from ddetr.data.pipeline import DetrCollateFn, build_ray_dataset
+from ddetr.data.pipeline import DetrCollateFn, build_ray_dataset, hide_starvation_notice
 from ddetr.data.shards import DataError
 from ddetr.data.transforms import TransformConfig
 from ddetr.train.callbacks import StepCallback
@@ -51,6 +51,7 @@ from ddetr.train.checkpoints import (
     run_dir,
     verify_checkpoint,
 )
+from ddetr.train.console import same_on_every_rank_once
 from ddetr.train.engine import NonFiniteLossError
 from ddetr.train.lease import HEARTBEAT_S, STALE_AFTER, RunLease, new_owner
 from ddetr.train.logbook import Logbook
@@ -279,11 +280,13 @@ def verbose() -> bool:
     return os.environ.get("DDETR_VERBOSE", "0") not in ("", "0")
 
 
-def quiet_worker_logs(rank: int) -> None:
+def quiet_worker_logs(rank: int, watchdog: bool = True) -> None:
     """Rank 0 tells the run's progress; the other ranks, and libraries printing to stdout, speak only in warnings.
 
     Ray Train turns a worker's `print` into an INFO record of the root logger: with the root at WARNING, what
-    pycocotools and others print is dropped, while the "ddetr" loggers keep their INFO on rank 0.
+    pycocotools and others print is dropped, while the "ddetr" loggers keep their INFO on rank 0. At the default
+    verbosity, warnings every rank makes alike are said by rank 0 alone, and, when the data `watchdog` is on, Ray
+    Data's "may hang forever" notice stays off the console (`console.py`).
     """
     logging.basicConfig(level=logging.INFO if verbose() else logging.WARNING, format="%(message)s", force=True)
     logging.getLogger("ddetr").setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -291,6 +294,9 @@ def quiet_worker_logs(rank: int) -> None:
         # Ray Data announces every epoch's dataset, and warns that its progress bars are off, as we asked.
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+        same_on_every_rank_once(rank)
+        if watchdog:
+            hide_starvation_notice()
 
 
 def set_torch_threads(cpus_per_worker: float) -> None:
@@ -320,7 +326,7 @@ class WorkerLoop:
         resume = config.pop("resume", None)
         cfg = Config.from_dict(config)
         ctx = ray.train.get_context()
-        quiet_worker_logs(ctx.get_world_rank())
+        quiet_worker_logs(ctx.get_world_rank(), watchdog=cfg.data.watchdog_s > 0)
         if cfg.train.num_workers > 0:  # with none, this runs in the driver: leave its threads alone
             set_torch_threads(cfg.train.cpus_per_worker)
         run = run_dir(cfg.train.storage_path, cfg.train.name)
