@@ -4,7 +4,7 @@ ddetr demo                                   the main job: synthetic data, Ray t
 ddetr train --preset tiny [--config FILE] --data DIR [--engine ray|local] [section.field=value ...]
 ddetr config [--preset P] [--config FILE] [section.field=value ...]   the resolved config as YAML, every key
 ddetr config --reference                     every key, its default and meaning (docs/config.md)
-ddetr eval --checkpoint PATH --data DIR
+ddetr eval --checkpoint PATH --data DIR [--plots OUT]   COCO metrics and the per-class table
 ddetr predict --checkpoint PATH IMAGE... --out DIR
 ddetr predict --checkpoint PATH --shards DIR --out DIR   batch inference with a Ray Data actor pool
 ddetr data synth --out DIR [--images N]
@@ -92,8 +92,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     transforms = TransformConfig().scaled(detector.cfg.data.scale)
     loader = build_dataloader(val, transforms, train=False, batch_size=args.batch_size)
     predictions = predict_batches(detector.model, detector.postprocess, loader, device=detector.device)
-    metrics = CocoEvaluator.from_shards(val).evaluate(predictions)
-    print(json.dumps(metrics, indent=2))
+    evaluator = CocoEvaluator.from_shards(val)
+    metrics = evaluator.evaluate(predictions)
+    print(json.dumps(metrics, indent=2))  # stdout stays JSON for scripts; the table is for the reader, on stderr
+    if evaluator.last is not None:
+        print(f"\nper class ({val}):\n{evaluator.last.table()}", end="", file=sys.stderr)
+        if args.plots:
+            from ddetr.train.results import write_evaluation
+
+            written = write_evaluation(evaluator.last, evaluator.coco_gt, args.plots, val, draw=args.draw)
+            drawn = f", images/ ({len(written) - 3} drawn)" if args.draw > 0 else ""
+            print(f"\nin {args.plots}: per_class.md, pr_curves.png, confusion_matrix.png{drawn}", file=sys.stderr)
     return 0
 
 
@@ -272,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--device", default=None)
+    p.add_argument("--plots", help="a folder (path or URI) for the per-class table, PR curves, confusion matrix and "
+                   "drawn images")  # fmt: skip
+    p.add_argument("--draw", type=int, default=8, help="with --plots: validation images drawn (default 8)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="detect objects in images: detections.json and drawn PNGs")

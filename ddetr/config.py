@@ -202,6 +202,12 @@ class TrainConfig:
     # while it uploads), "auto": async to object storage, sync to a local folder.
     checkpoint_upload: str = "auto"
     name: str = ""  # the run's folder under storage_path; "": <preset>-<time>, new each time. The same name continues.
+    draw_images: int = 4  # validation images drawn with their detections at each evaluation (RUN/images/); 0: none
+    tracker: str = "none"  # experiment tracking from rank 0: "mlflow", "wandb" or "none" (ddetr/train/tracking.py)
+    # mlflow: the tracking URI (http://host:5000, file:///folder; "": $MLFLOW_TRACKING_URI); wandb: "offline", a
+    # server URL, or "": W&B's own setting.
+    tracker_uri: str = ""
+    tracker_project: str = ""  # the MLflow experiment or W&B project ("": ddetr); the run is named train.name
 
     def __post_init__(self) -> None:
         if self.amp not in ("auto", "bf16", "fp16", "off"):
@@ -224,6 +230,10 @@ class TrainConfig:
             raise ConfigError(
                 f"train.cpus_per_worker must be >= 0 (0: derived from the cluster), got {self.cpus_per_worker}"
             )
+        if self.tracker not in ("none", "mlflow", "wandb"):
+            raise ConfigError(f"train.tracker must be none, mlflow or wandb, got {self.tracker!r}")
+        if self.draw_images < 0:
+            raise ConfigError(f"train.draw_images must be >= 0 (0: none), got {self.draw_images}")
 
 
 @dataclass

@@ -3,14 +3,18 @@
 The ground truth comes from the shards and their ``dataset.json`` (``coco_from_shards``), so a
 cluster node needs no annotation json; ``coco_from_json`` reads an instances file instead. Numbers
 are pycocotools' own: the evaluator only converts boxes (xyxy -> xywh), maps labels back to category
-ids when the model uses contiguous labels, and gathers predictions from every rank.
+ids when the model uses contiguous labels, and gathers predictions from every rank. Per-class AP and the
+precision-recall curves are read from COCOeval's own accumulated ``eval["precision"]`` array (`Evaluation`); the
+confusion matrix, which COCOeval has none of, is `confusion.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,6 +40,11 @@ STAT_NAMES = (
     "AR_medium",
     "AR_large",
 )
+# What the per-class table holds for each category: COCOeval's first six numbers, one category at a time.
+PER_CLASS_STATS = STAT_NAMES[:6]
+# The lowest score of the detections an `Evaluation` keeps (for the confusion matrix and the drawings, which count
+# from 0.3): all of them, 100 per image, would hold hundreds of MB of a COCO-sized split until the next evaluation.
+KEEP_SCORE = 0.1
 
 
 def coco_from_dict(dataset: dict[str, Any]) -> COCO:
@@ -98,6 +107,7 @@ class CocoEvaluator:
         self.label_to_category = dict(label_to_category) if label_to_category is not None else None
         self.predictions: dict[int, list[dict[str, Any]]] = {}
         self.summary_text = ""
+        self.last: Evaluation | None = None  # the latest `summarize`'s per-class results, on rank 0
 
     @classmethod
     def from_shards(cls, split_dir: str, label_to_category: Mapping[int, int] | None = None) -> CocoEvaluator:
@@ -156,14 +166,19 @@ class CocoEvaluator:
         """COCOeval (bbox) over the gathered detections; keys ``STAT_NAMES`` (AP, AP50, ... AR100 ...).
 
         Only images that received an ``update`` are evaluated (as DETR's evaluator). The table COCOeval prints
-        is captured into ``self.summary_text`` instead.
+        is captured into ``self.summary_text`` instead. On rank 0 (or without a group) ``self.last`` holds the
+        pass's `Evaluation` (per-class numbers, PR curves, the gathered detections); None elsewhere, or when there
+        were no detections.
         """
         predictions = self.gather()
         result: list[tuple[dict[str, float], str] | None] = [None]
+        self.last = None
         if predictions is not None:
             detections = [d for dets in predictions.values() for d in dets]
             if detections:
-                result[0] = evaluate_detections(self.coco_gt, detections, sorted(predictions))
+                ev, text = run_cocoeval(self.coco_gt, detections, sorted(predictions))
+                self.last = Evaluation.of(ev, self.coco_gt, detections)
+                result[0] = (self.last.stats, text)
             else:
                 result[0] = ({name: 0.0 for name in STAT_NAMES}, "no detections\n")
         if _distributed():
@@ -184,6 +199,12 @@ def evaluate_detections(
     Returns:
         ({STAT_NAMES: value}, the summary table COCOeval printed).
     """
+    ev, text = run_cocoeval(coco_gt, detections, image_ids)
+    return _stats(ev), text
+
+
+def run_cocoeval(coco_gt: COCO, detections: list[dict[str, Any]], image_ids: list[int]) -> tuple[COCOeval, str]:
+    """COCOeval (bbox) evaluated, accumulated and summarized over `image_ids`; with the table it printed."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         coco_dt = coco_gt.loadRes(detections)
@@ -192,7 +213,112 @@ def evaluate_detections(
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats, strict=True)}, out.getvalue()
+    return ev, out.getvalue()
+
+
+def _stats(ev: COCOeval) -> dict[str, float]:
+    return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats, strict=True)}
+
+
+def category_names(coco_gt: COCO) -> dict[int, str]:
+    """{category id: name}, in id order; a name two categories share gets its id appended, so keys stay apart."""
+    cats = sorted(coco_gt.loadCats(coco_gt.getCatIds()), key=lambda c: c["id"])
+    counts: dict[str, int] = {}
+    for c in cats:
+        counts[str(c["name"])] = counts.get(str(c["name"]), 0) + 1
+    return {int(c["id"]): str(c["name"]) if counts[str(c["name"])] == 1 else f"{c['name']} ({c['id']})" for c in cats}
+
+
+@dataclass
+class Evaluation:
+    """One COCOeval pass beyond its twelve numbers, read from COCOeval's accumulated arrays.
+
+    Attributes:
+        stats: {STAT_NAMES: value}, as `evaluate_detections` returns.
+        names: {category id: name} of the ground truth (`category_names`), in id order.
+        per_class: {name: {PER_CLASS_STATS: value}}: AP averaged over IoU 0.50:0.95 and the 101 recall thresholds
+            (AP50 / AP75 at one IoU, AP_small... over one area range) at 100 detections per image, exactly as
+            COCOeval.summarize averages, but per category. NaN where the category has no ground truth in that
+            area range of the evaluated images (COCOeval's -1).
+        instances: {name: number of ground-truth boxes (not crowd) in the evaluated images}.
+        recall: (R,) COCOeval's recall thresholds (0, 0.01, ... 1).
+        precision50: {name: (R,)} the interpolated precision at each recall threshold, IoU 0.5, every area, 100
+            detections: the PR curve; NaN for a category without ground truth.
+        detections: the COCO results evaluated ({"image_id", "category_id", "bbox": xywh, "score"}) that score at
+            least `keep_score`.
+        image_ids: the images evaluated.
+    """
+
+    stats: dict[str, float]
+    names: dict[int, str]
+    per_class: dict[str, dict[str, float]]
+    instances: dict[str, int]
+    recall: np.ndarray
+    precision50: dict[str, np.ndarray]
+    detections: list[dict[str, Any]]
+    image_ids: list[int]
+
+    @classmethod
+    def of(
+        cls, ev: COCOeval, coco_gt: COCO, detections: list[dict[str, Any]], keep_score: float = KEEP_SCORE
+    ) -> Evaluation:
+        """The `Evaluation` of an accumulated COCOeval (`run_cocoeval`) over `detections`."""
+        p = ev.params
+        precision = ev.eval["precision"]  # (T IoU thresholds, R recall thresholds, K categories, A areas, M maxDets)
+        m = p.maxDets.index(100) if 100 in p.maxDets else len(p.maxDets) - 1
+        t50, t75 = (int(np.argmin(np.abs(p.iouThrs - iou))) for iou in (0.5, 0.75))
+        areas = {label: i for i, label in enumerate(p.areaRngLbl)}  # all, small, medium, large
+
+        def mean(values: np.ndarray) -> float:
+            valid = values[values > -1]  # -1: no ground truth there (COCOeval's own mark)
+            return float(valid.mean()) if valid.size else math.nan
+
+        names = category_names(coco_gt)
+        per_class, curves = {}, {}
+        for k, cat_id in enumerate(p.catIds):
+            name = names[int(cat_id)]
+            per_class[name] = {
+                "AP": mean(precision[:, :, k, areas["all"], m]),
+                "AP50": mean(precision[t50, :, k, areas["all"], m]),
+                "AP75": mean(precision[t75, :, k, areas["all"], m]),
+                "AP_small": mean(precision[:, :, k, areas["small"], m]),
+                "AP_medium": mean(precision[:, :, k, areas["medium"], m]),
+                "AP_large": mean(precision[:, :, k, areas["large"], m]),
+            }
+            curve = precision[t50, :, k, areas["all"], m].astype(np.float64)
+            curves[name] = np.where(curve > -1, curve, np.nan)
+        image_ids = [int(i) for i in p.imgIds]
+        instances = dict.fromkeys(names.values(), 0)
+        for ann in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=image_ids)):
+            if not ann.get("iscrowd", 0) and int(ann["category_id"]) in names:
+                instances[names[int(ann["category_id"])]] += 1
+        kept = [d for d in detections if d["score"] >= keep_score]
+        return cls(_stats(ev), names, per_class, instances, np.asarray(p.recThrs), curves, kept, image_ids)
+
+    def table(self) -> str:
+        """The per-class numbers as a Markdown table, a row per category (in id order) and one of every class."""
+        head = ["class", "boxes", *PER_CLASS_STATS]
+        rows = [[name, str(self.instances.get(name, 0)), *(_cell(v[s]) for s in PER_CLASS_STATS)]
+                for name, v in self.per_class.items()]  # fmt: skip
+        rows.append(["all", str(sum(self.instances.values())), *(_cell(self.stats[s]) for s in PER_CLASS_STATS)])
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+        def line(cells: list[str]) -> str:
+            padded = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+            return "| " + " | ".join(padded) + " |"
+
+        rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
+        return "\n".join([line(head), rule, *map(line, rows)]) + "\n"
+
+    def metrics(self) -> dict[str, float]:
+        """The per-class numbers as flat metrics "<stat>/<class name>" (AP/person, AP50/person, ...); a NaN left out."""
+        return {
+            f"{s}/{name}": v[s] for name, v in self.per_class.items() for s in PER_CLASS_STATS if not math.isnan(v[s])
+        }
+
+
+def _cell(value: float) -> str:
+    return "-" if math.isnan(value) or value < 0 else f"{value:.3f}"  # COCOeval's -1: nothing to measure
 
 
 def _numpy(x: Any) -> np.ndarray:

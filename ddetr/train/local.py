@@ -36,6 +36,7 @@ from ddetr.train.checkpoints import (
 )
 from ddetr.train.lease import RunLease
 from ddetr.train.logbook import Logbook
+from ddetr.train.results import RunResults
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class LocalRuntime:
             self.logbook = Logbook(self.dir)
             self.transforms = TransformConfig.for_training(cfg.data)
             self._evaluator = CocoEvaluator.from_shards(cfg.data.val) if cfg.data.val else None
+            self.results = RunResults(cfg, str(self.dir), self.logbook, self._evaluator, enabled=True)
         except BaseException:
             self.lease.release()
             raise
@@ -103,14 +105,17 @@ class LocalRuntime:
     def evaluate(self, predictions: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
         stats = self._evaluator.evaluate(predictions)
         self.logbook.write("coco_eval", 0, {"text": self._evaluator.summary_text})
+        self.results.evaluated()
         return stats
 
     def log(self, kind: str, step: int, metrics: dict[str, Any]) -> None:
         self.logbook.write(kind, step, metrics)
+        self.results.step(kind, step, metrics)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         if not metrics.get("mid_epoch"):  # a mid-epoch checkpoint's metrics are its step's, logged already
             self.logbook.write("epoch", int(metrics.get("step", 0)), metrics)
+            self.results.epoch(metrics)  # the evaluation's table and pictures, the tracker
         if checkpoint_dir is None:
             return
         final = place_checkpoint(checkpoint_dir, self.dir, checkpoint_name(int(metrics.get("step", 0))))
@@ -128,6 +133,7 @@ class LocalRuntime:
 
     def close(self) -> None:
         try:
+            self.results.close()
             self.logbook.close()
         finally:
             self.lease.release()

@@ -56,6 +56,7 @@ from ddetr.train.engine import NonFiniteLossError
 from ddetr.train.lease import HEARTBEAT_S, STALE_AFTER, RunLease, new_owner
 from ddetr.train.logbook import Logbook
 from ddetr.train.loop import fit
+from ddetr.train.results import RunResults
 
 # Metrics reported instead of raising when the loss stops being finite or the data cannot be read: Ray Train
 # would retry a worker error, and a retry resumes from the last checkpoint only to meet the same error again.
@@ -84,6 +85,8 @@ class RayRuntime:
         self.transforms = TransformConfig.for_training(cfg.data)
         self.logbook = Logbook(run_dir(cfg.train.storage_path, cfg.train.name), enabled=self.rank == 0)
         self._evaluator = CocoEvaluator.from_shards(cfg.data.val) if cfg.data.val else None
+        run = run_dir(cfg.train.storage_path, cfg.train.name)
+        self.results = RunResults(cfg, run, self.logbook, self._evaluator, enabled=self.rank == 0)
         self._restored: list[Path] = []  # node copies of checkpoints in object storage, removed at the end
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -123,14 +126,17 @@ class RayRuntime:
         stats = self._evaluator.evaluate(predictions)
         if self.rank == 0:
             self.logbook.write("coco_eval", 0, {"text": self._evaluator.summary_text})
+        self.results.evaluated()
         return stats
 
     def log(self, kind: str, step: int, metrics: dict[str, Any]) -> None:
         self.logbook.write(kind, step, metrics)
+        self.results.step(kind, step, metrics)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         if not metrics.get("mid_epoch"):
             self.logbook.write("epoch", int(metrics.get("step", 0)), metrics)
+            self.results.epoch(metrics)  # the evaluation's table and pictures, the tracker (rank 0)
         elif checkpoint_dir is not None:
             self.logbook.flush()
         # Named by step as in the single-process runtime, so `local.list_checkpoints` reads either run folder.
@@ -219,6 +225,7 @@ class RayRuntime:
         return chosen
 
     def close(self) -> None:
+        self.results.close()
         self.logbook.close()
         # The node's copies go with its local rank 0 (every rank of the node loaded them when it started).
         if ray.train.get_context().get_local_rank() == 0:
