@@ -141,7 +141,7 @@ def test_a_two_worker_ray_training_console_informs_and_does_not_alarm(tmp_path, 
         subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
     steps = [line for line in console.splitlines() if re.search(r"epoch 1/1 step \d+/10 \(\d+%\)", line)]
     assert len(steps) == 2, console[-3000:]
-    for field in ("loss ", "steps/s", "peak mem ", "GiB (RSS)", "ETA "):
+    for field in ("loss ", "lr ", "steps/s", "data wait ", "peak mem ", "GiB (RSS)", "ETA "):
         assert all(field in line for line in steps), (field, steps)
     assert STARVATION in logs and "'PreemptionWatcher'" in logs  # Ray made both notices...
     assert STARVATION not in console and "PreemptionWatcher" not in console  # ...and the console has neither

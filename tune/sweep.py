@@ -1,6 +1,6 @@
 """`python tune/sweep.py ...` is `ddetr tune ...`: a Ray Tune sweep of ddetr trainings (see ddetr/sweep/driver.py).
 
-python tune/sweep.py --preset tiny --data data/synth --space tune/spaces/default.yaml --samples 8
+python tune/sweep.py --preset tiny --data data/synth --space tune/spaces/tiny.yaml --samples 8
 """
 
 import sys

@@ -72,8 +72,12 @@ def nvcc_path() -> Path | None:
 
 
 def with_cuda() -> bool:
-    """Whether the build includes the CUDA kernel: torch must be a CUDA build and nvcc must be installed."""
-    return torch.version.cuda is not None and nvcc_path() is not None
+    """Whether the build includes the CUDA kernel: torch must be a CUDA build and nvcc must be installed, and the
+    architectures to build for known: a visible GPU's, or $TORCH_CUDA_ARCH_LIST (torch cannot pick them without
+    either, and a GPU-less build host with a CUDA torch then builds the CPU kernel only)."""
+    if torch.version.cuda is None or nvcc_path() is None:
+        return False
+    return torch.cuda.is_available() or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
 
 
 def cpu_flags() -> list[str]:

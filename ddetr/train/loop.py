@@ -258,7 +258,9 @@ def fit(cfg: Config, runtime: Runtime, callbacks: Sequence[StepCallback] = ()) -
                 callback.after_step(info)
             if runtime.rank == 0:
                 runtime.log("step", state.step, {**step_metrics, "epoch": epoch})
-            progress.update(step_metrics["loss"])
+            progress.update(
+                step_metrics["loss"], lr=step_metrics["lr"], data_wait_s=data_wait, step_s=step_metrics["step_s"]
+            )
             # The last step of an epoch is followed by the epoch's own checkpoint: no mid-epoch one then.
             mid_epoch = state.batches_done < steps_per_epoch
             periodic = t.checkpoint_every_steps > 0 and state.batches_done % t.checkpoint_every_steps == 0
