@@ -128,7 +128,12 @@ def check_pretrained_backbone(cfg: Config) -> None:
     source = (cfg.model.pretrained_backbone or "").strip()
     if cfg.model.init_from or not has_pretrained_weights(source) or source.lower() == "imagenet":
         return
-    if source.startswith(("http://", "https://")):
+    if source.startswith("http://"):  # refused here, before any worker starts, as the backbone loader would
+        raise ConfigError(
+            f"model.pretrained_backbone={source}: plain http is refused (its bytes could be replaced on the way); "
+            "give an https:// URL or a local file"
+        )
+    if source.startswith("https://"):
         return
     if not os.path.isfile(source):
         raise FileNotFoundError(
