@@ -99,7 +99,7 @@ def test_missing_data_and_backbone_weights_are_one_line(data, tmp_path, capsys):
     line = train_fails([*argv, "model.pretrained_backbone=/no/such/resnet18.pth"], capsys)
     assert line.startswith("model.pretrained_backbone=/no/such/resnet18.pth: no such file")
     line = train_fails([*argv, "model.pretrained_backbone=http://127.0.0.1:9/resnet18-f37072fd.pth"], capsys)
-    assert "plain http is refused" in line  # before any worker, and before any request
+    assert "only https:// URLs are fetched" in line  # before any worker, and before any request
     assert train_fails(["--preset", "tiny"], capsys).startswith("no training data")
 
 

@@ -130,8 +130,8 @@ def check_pretrained_backbone(cfg: Config) -> None:
         return
     if source.startswith("http://"):  # refused here, before any worker starts, as the backbone loader would
         raise ConfigError(
-            f"model.pretrained_backbone={source}: plain http is refused (its bytes could be replaced on the way); "
-            "give an https:// URL or a local file"
+            f"model.pretrained_backbone={source}: only https:// URLs are fetched (a plain http:// download can be "
+            "replaced on its way); give an https:// URL, or download the file yourself and give its path"
         )
     if source.startswith("https://"):
         return
