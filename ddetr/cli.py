@@ -5,8 +5,9 @@ ddetr train --preset tiny [--config FILE] --data DIR [--engine ray|local] [secti
 ddetr config [--preset P] [--config FILE] [section.field=value ...]   the resolved config as YAML, every key
 ddetr config --reference                     every key, its default and meaning (docs/config.md)
 ddetr eval --checkpoint PATH --data DIR [--plots OUT]   COCO metrics and the per-class table
-ddetr predict --checkpoint PATH IMAGE... --out DIR
-ddetr predict --checkpoint PATH --shards DIR --out DIR   batch inference with a Ray Data actor pool
+ddetr predict --checkpoint PATH --out DIR INPUT...       files, folders, quoted globs, s3:// prefixes: a batch at a time
+ddetr predict --checkpoint PATH --out DIR --batch INPUT...   batch inference with a Ray Data actor pool
+ddetr predict --checkpoint PATH --out DIR --shards DIR   the same over shards (a split folder, or a dataset's val)
 ddetr data synth --out DIR [--images N]
 ddetr data convert --images DIR --annotations FILE.json --out DIR [--strict]     a COCO split
 ddetr data convert --format yolo|voc --source DIR --out DIR [--names FILE|a,b] [--split S]   OUT/<split>/ each
@@ -19,7 +20,8 @@ ddetr submit train|eval|predict|tune|run ... | --list | --follow JOB | --stop JO
 ddetr tune --data DIR --space tune/spaces/default.yaml [--max-concurrent N]          a Ray Tune sweep
 
 A checkpoint PATH (or CHECKPOINT) is a checkpoint folder, an official .pth, a Hugging Face folder, or a run folder
-(train.storage_path/train.name): its best checkpoint by val/AP; RUN_DIR/latest names its newest.
+(train.storage_path/train.name): its best checkpoint by val/AP; RUN_DIR/latest names its newest. --data (and
+--shards) name a split folder (DIR/shards/val) or a dataset folder (train/ and val/, or shards/train and shards/val).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-from ddetr.config import PRESETS, ConfigError, build_config, split_dirs
+from ddetr.config import PRESETS, ConfigError, build_config, data_said, data_split
 
 log = logging.getLogger("ddetr")
 CHECKPOINT_HELP = (
@@ -85,10 +87,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ddetr.inference import Detector
     from ddetr.train.engine import predict_batches
 
-    _, val = split_dirs(args.data)
-    if not val:
-        raise ConfigError(f"no validation shards (val/) under {args.data}")
+    val = data_split(args.data, "val")
     detector = Detector.from_checkpoint(args.checkpoint, device=args.device)
+    log.info("%s", data_said(args.data, "", val))
     transforms = TransformConfig().scaled(detector.cfg.data.scale)
     loader = build_dataloader(val, transforms, train=False, batch_size=args.batch_size)
     predictions = predict_batches(detector.model, detector.postprocess, loader, device=detector.device)
@@ -107,33 +108,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    if args.shards:
-        from ddetr.batch_inference import predict_shards
+    if args.shards and args.images:
+        raise ConfigError("ddetr predict: give images or a shard folder with --shards, not both")
+    if args.shards or args.batch:
+        from ddetr.batch_inference import predict_image_files, predict_shards
 
-        summary = predict_shards(args.checkpoint, args.shards, args.out, batch_size=args.batch_size,
-                                 max_actors=args.actors, draw=args.draw, threshold=args.threshold)  # fmt: skip
+        options = {"batch_size": args.batch_size, "max_actors": args.actors, "draw": args.draw,
+                   "threshold": args.threshold}  # fmt: skip
+        if args.shards:
+            summary = predict_shards(args.checkpoint, args.shards, args.out, **options)
+        else:
+            summary = predict_image_files(args.checkpoint, _images_given(args.images), args.out, **options)
         print(f"{summary['images']} images, {summary['detections']} detections in {summary['file']} "
               f"({summary['images_per_s']} images/s)")  # fmt: skip
         return 0
-    if not args.images:
-        raise ConfigError("ddetr predict: give image files, or a shard folder with --shards")
-    from ddetr import io
-    from ddetr.inference import Detector, coco_records, draw_detections
+    from ddetr.image_sources import list_images
+    from ddetr.inference import Detector, predict_images
 
+    images = list_images(_images_given(args.images))
+    if not images:
+        raise ConfigError(f"ddetr predict: no image file in {' '.join(args.images)}")
     detector = Detector.from_checkpoint(args.checkpoint, device=args.device)
-    detections = detector.predict_files(args.images, batch_size=args.batch_size)
-    records = []
-    for i, (path, det) in enumerate(detections.items()):
-        draw_detections(path, det, io.join(args.out, f"{Path(path).stem}.png"), threshold=args.threshold)
-        found = coco_records(i, det["scores"].numpy(), det["labels"].numpy(), det["boxes"].numpy())
-        records += [{**r, "file_name": str(path)} for r in found]
-    io.atomic_write(io.join(args.out, "detections.json"), json.dumps(records))
-    skipped = len(args.images) - len(detections)
+    summary = predict_images(detector, images, args.out, batch_size=args.batch_size, threshold=args.threshold)
+    skipped = len(summary["skipped"])
     print(
-        f"{len(detections)} images: detections in {io.join(args.out, 'detections.json')}, drawings in {args.out}"
+        f"{summary['images']} images: detections in {summary['file']}, drawings in {args.out}"
         + (f" ({skipped} unreadable file{'s' * (skipped > 1)} skipped)" if skipped else "")
     )
-    return 0 if detections else 1
+    return 0 if summary["images"] else 1
+
+
+def _images_given(images: list[str]) -> list[str]:
+    if not images:
+        raise ConfigError(
+            "ddetr predict: give image files, or a shard folder with --shards (images may be files, folders, quoted "
+            "globs or s3:// prefixes)"
+        )
+    return images
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -251,7 +262,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         help="a YAML (or JSON) config file: preset: and the keys that differ (`ddetr config` prints a full one), or a "
         "full JSON config such as a sweep's best_config.json",
     )
-    p.add_argument("--data", help="folder with train/ and val/ shards (or DIR/shards/...)")
+    p.add_argument("--data", help="a dataset folder: train/ and val/ shards (or DIR/shards/...); a split folder: "
+                   "trained on without validation")  # fmt: skip
     p.add_argument("overrides", nargs="*", default=[], help="section.key=value, after the file: train.epochs=2")
 
 
@@ -278,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="COCO metrics of a checkpoint on a validation split")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="a split folder (DIR/shards/val), or a dataset folder: its val split")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--device", default=None)
     p.add_argument("--plots", help="a folder (path or URI) for the per-class table, PR curves, confusion matrix and "
@@ -290,12 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=float, default=0.5, help="lowest score drawn")
-    p.add_argument("--device", default=None, help="image files only; shards use a GPU per actor when there are any")
+    p.add_argument("--device", default=None, help="in this process only; actors use a GPU each when there are any")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--shards", default=None, help="a shard folder: batch inference with a Ray Data actor pool")
-    p.add_argument("--actors", type=int, default=None, help="largest actor pool (default: GPUs, else CPUs)")
-    p.add_argument("--draw", type=int, default=8, help="shards: images drawn")
-    p.add_argument("images", nargs="*")
+    p.add_argument("--batch", action="store_true", help="batch inference over the images with a Ray Data actor pool")
+    p.add_argument("--shards", "--data", dest="shards", default=None,
+                   help="batch inference over shards: a split folder, or a dataset folder (its val split)")  # fmt: skip
+    p.add_argument("--actors", type=int, default=None, help="--batch, --shards: largest actor pool (default: GPUs, "
+                   "else CPUs)")  # fmt: skip
+    p.add_argument("--draw", type=int, default=8, help="--batch, --shards: images drawn (in this process: all)")
+    p.add_argument("images", nargs="*", help="image files, folders (searched recursively), quoted globs "
+                   "('a/**/*.jpg'), s3:// prefixes")  # fmt: skip
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="the main job: synthetic COCO, Ray training, results folder")

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import difflib
 import json
+import logging
 import secrets
 import time
 import types
@@ -32,6 +33,7 @@ from typing import Any
 
 from ddetr import io
 
+log = logging.getLogger(__name__)
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 BACKBONE_NORMS = ("frozen_bn", "group_norm")
 
@@ -409,19 +411,57 @@ def named(cfg: Config, prefix: str = "run") -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=f"{prefix}-{run_time()}"))
 
 
-def split_dirs(data: str) -> tuple[str, str]:
-    """(train, val) shard folders under `data`: DIR/{train,val}, or DIR/shards/{train,val} (`ddetr data synth`).
+# A split folder's own file (`ddetr.data.shards.METADATA_FILE`: config imports nothing of ddetr.data).
+SPLIT_METADATA = "dataset.json"
 
-    A local folder that is missing is "" (no such split); under a URI both are assumed.
+
+def is_split_folder(data: str) -> bool:
+    """Whether `data` is one split's shard folder (it holds its dataset.json) rather than a dataset folder."""
+    return io.exists(io.join(data, SPLIT_METADATA))
+
+
+def split_dirs(data: str) -> tuple[str, str]:
+    """(train, val) shard folders `--data` names (`data_said` says which, in words).
+
+    A dataset folder gives DIR/{train,val}, or DIR/shards/{train,val} (`ddetr data synth`); a local split that is
+    missing is "" (no such split), under a URI both are assumed. A split folder (`.../shards/train`: it holds its
+    dataset.json) is the training split alone, without validation.
     """
+    if is_split_folder(data):
+        return data, ""
     if io.is_uri(data):
         root = io.join(data, "shards") if io.is_dir(io.join(data, "shards")) else data
         return io.join(root, "train"), io.join(root, "val")
-    root = Path(data)
-    if (root / "shards").is_dir():
-        root = root / "shards"
+    root = Path(data) / "shards" if (Path(data) / "shards").is_dir() else Path(data)
     train, val = root / "train", root / "val"
     return (str(train) if train.exists() else "", str(val) if val.exists() else "")
+
+
+def data_said(data: str, train: str, val: str) -> str:
+    """One line saying how `--data` was read, for the log of a command that goes ahead with it."""
+    if data in (train, val):
+        return f"--data {data}: a split folder" + (", trained on without validation" if data == train else "")
+    splits = ", ".join(f"{name} {path}" for name, path in (("train", train), ("val", val)) if path)
+    return f"--data {data}: a dataset folder: {splits}"
+
+
+def data_split(data: str, split: str = "val") -> str:
+    """The one shard split a command reads (eval, batch inference) that `--data` names: `data` itself when it is a
+    split folder (`.../shards/val`), else the dataset folder's `split` (DIR/val or DIR/shards/val). `data_said(data,
+    "", found)` says which.
+
+    Raises:
+        ConfigError: neither; the message says what was looked for.
+    """
+    if is_split_folder(data):
+        return data
+    for root in (io.join(data, "shards"), data):
+        if is_split_folder(io.join(root, split)):
+            return io.join(root, split)
+    raise ConfigError(
+        f"--data {data}: neither a split folder (no {SPLIT_METADATA}) nor a dataset folder with a {split} split "
+        f"({split}/ or shards/{split}/ holding {SPLIT_METADATA}); give one of these, as `ddetr data` writes them"
+    )
 
 
 def read_config_file(path: str, preset: str | None = None) -> tuple[Config, str]:
@@ -537,14 +577,20 @@ def build_config(
     else:
         base_name = preset or "deformable_detr"
         cfg = get_preset(base_name)
-    defaults = []
+    defaults, said = [], ""
     if data:
         train, val = split_dirs(data)
+        said = data_said(data, train, val)
         if not train and not val:
-            raise ConfigError(f"no shard folders train/ or val/ under {data} (make them with `ddetr data`)")
+            raise ConfigError(
+                f"--data {data}: no shard folders train/ or val/ under it and no {SPLIT_METADATA} in it (a split "
+                "folder); make them with `ddetr data`"
+            )
         defaults += [f"data.train={train}", f"data.val={val}"]
         from ddetr.data.shards import read_metadata
 
         defaults.append(f"model.num_classes={read_metadata(train or val).num_classes}")
     cfg = apply_overrides(cfg, [*defaults, *overrides])
+    if said:  # once the config stands: a mistake stays one line
+        log.info("%s", said)
     return named(cfg, base_name) if name_run else cfg

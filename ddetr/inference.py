@@ -3,14 +3,18 @@
 detector = Detector.from_checkpoint("results/demo/run")    # the demo's run: its best checkpoint; run/latest: newest
 detections = detector.predict_files(["a.jpg", "b.jpg"])      # {path: {"scores", "labels", "boxes"}}
 draw_detections("a.jpg", detections["a.jpg"], "a.png", names={1: "rectangle"})
+predict_images(detector, list_images(["photos/"]), "preds/")  # detections.json and drawings, a batch at a time
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from typing import Any
 
@@ -23,6 +27,7 @@ from ddetr.config import Config, ConfigError, get_preset
 from ddetr.data.collate import pad_and_normalize
 from ddetr.data.images import UNREADABLE, decode_reduced, decode_upright
 from ddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TransformConfig, resized_size
+from ddetr.image_sources import ImageSource
 from ddetr.models import build_detector
 from ddetr.models.deformable_detr import DeformableDETR, PostProcess
 from ddetr.models.weights import read_weights
@@ -30,6 +35,7 @@ from ddetr.train.checkpoints import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
+DETECTIONS_FILE = "detections.json"
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
 
@@ -94,27 +100,90 @@ class Detector:
         and the (h, w) of the whole upright image."""
         return decode_reduced(data, self.size, self.max_size)
 
-    def predict_files(self, paths: list[str], batch_size: int = 4) -> dict[str, dict[str, torch.Tensor]]:
-        """Detections of each image file, by path, boxes in pixels of the upright image (EXIF orientation applied).
+    def iter_predictions(
+        self, paths: Iterable[str], batch_size: int = 4
+    ) -> Iterator[tuple[str, bytes, dict[str, torch.Tensor]]]:
+        """(path, its bytes, its detections) of each image file that decodes, in order, a batch at a time.
 
-        Files are decoded a batch at a time, reduced to the model's input size. A file that is not a readable image
-        is left out with a warning naming it; the others are still detected.
+        Nothing is held per file, so memory does not grow with their number (benchmarks/predict_memory.py): one batch
+        of bytes is read ahead (on threads: object storage answers in tens of milliseconds per request) while the
+        batch before it is detected, and only reduced pixels (`Detector.decode`) reach the model. Boxes are in pixels
+        of the upright image (EXIF orientation applied). A file that cannot be read or decoded is left out with a
+        warning naming it; the others are still detected.
         """
-        results: dict[str, dict[str, torch.Tensor]] = {}
-        for i in range(0, len(paths), batch_size):
-            chunk, images, sizes = [], [], []
-            for path in paths[i : i + batch_size]:
-                try:
-                    pixels, size = self.decode(io.read_bytes(path))
-                except UNREADABLE as err:  # a missing file is an OSError too
-                    log.warning("skipping %s: not a readable image (%s: %s)", path, type(err).__name__, err)
-                    continue
-                chunk.append(path)
-                images.append(pixels)
-                sizes.append(size)
-            if chunk:
-                results.update(zip(chunk, self.predict(images, sizes), strict=True))
-        return results
+        batches = _chunks(iter(paths), batch_size)
+        with ThreadPoolExecutor(max_workers=min(batch_size, 8), thread_name_prefix="ddetr-read") as pool:
+            pending = [(p, pool.submit(io.read_bytes, p)) for p in next(batches, [])]
+            while pending:
+                ahead = [(p, pool.submit(io.read_bytes, p)) for p in next(batches, [])]
+                chunk, images, sizes = [], [], []
+                for path, read in pending:
+                    try:
+                        data = read.result()
+                        pixels, size = self.decode(data)
+                    except UNREADABLE as err:  # a missing file is an OSError too
+                        log.warning("skipping %s: not a readable image (%s: %s)", path, type(err).__name__, err)
+                        continue
+                    chunk.append((path, data))
+                    images.append(pixels)
+                    sizes.append(size)
+                if chunk:
+                    for (path, data), found in zip(chunk, self.predict(images, sizes), strict=True):
+                        yield path, data, found
+                pending = ahead
+
+    def predict_files(self, paths: list[str], batch_size: int = 4) -> dict[str, dict[str, torch.Tensor]]:
+        """Detections of each image file, by path (`iter_predictions`: skipped files are not in it). Holds every
+        image's detections: for many files, write them as they come (`predict_images`)."""
+        return {path: found for path, _, found in self.iter_predictions(paths, batch_size)}
+
+
+def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def predict_images(
+    detector: Detector,
+    images: Sequence[ImageSource],
+    out: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Detect objects in `images` (`ddetr.image_sources.list_images`); write `out/detections.json` and one drawing
+    per image, `out/<image.name>.png`, with the checkpoint's class names.
+
+    Both are written as the batches come: nothing is held per image but its path and name. `detections.json` holds COCO
+    results (`coco_records`: image_id is the image's place in `images`, plus its "file_name") and appears whole
+    when every image is done (written under a temporary name).
+
+    Returns:
+        {"images": detected, "detections", "skipped": [paths that did not read or decode], "file": the JSON's path}.
+    """
+    out = str(out)
+    place = {image.path: i for i, image in enumerate(images)}
+    names = {image.path: image.name for image in images}
+    path = io.join(out, DETECTIONS_FILE)
+    done, detections = set(), 0
+    with io.atomic_open(path) as f:
+        f.write("[")
+        for source, data, found in detector.iter_predictions([image.path for image in images], batch_size):
+            try:  # the whole image, to draw on: a file that decodes reduced may still be cut short further in
+                picture = decode_upright(data)
+            except UNREADABLE as err:
+                log.warning("%s: detected, but not drawn: its full size does not decode (%s)", source, err)
+            else:
+                draw_detections(picture, found, io.join(out, f"{names[source]}.png"), names=detector.class_names,
+                                threshold=threshold)  # fmt: skip
+            rows = found["scores"].numpy(), found["labels"].numpy(), found["boxes"].numpy()
+            for record in coco_records(place[source], *rows, names=detector.class_names):
+                f.write(("," if detections else "") + json.dumps({**record, "file_name": source}))
+                detections += 1
+            done.add(source)
+        f.write("]")
+    skipped = [image.path for image in images if image.path not in done]
+    return {"images": len(done), "detections": detections, "skipped": skipped, "file": path}
 
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -150,11 +219,23 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return decode_upright(io.read_bytes(path))
 
 
-def coco_records(image_id: int, scores: np.ndarray, labels: np.ndarray, boxes: np.ndarray) -> list[dict[str, Any]]:
-    """One image's detections as COCO results; `boxes` (K, 4) xyxy become xywh. Labels are category ids."""
+def coco_records(
+    image_id: int,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    boxes: np.ndarray,
+    names: dict[int, str] | None = None,
+) -> list[dict[str, Any]]:
+    """One image's detections as COCO results: "image_id", "category_id", "bbox" [x, y, w, h] (from `boxes` (K, 4)
+    xyxy), "score", and "category_name" where `names` (category id -> name) knows the label."""
     rows = zip(scores.tolist(), labels.tolist(), boxes.tolist(), strict=True)
-    return [{"image_id": image_id, "category_id": int(label), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score}
-            for score, label, (x0, y0, x1, y1) in rows]  # fmt: skip
+    records = []
+    for score, label, (x0, y0, x1, y1) in rows:
+        record = {"image_id": image_id, "category_id": int(label), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score}
+        if names and int(label) in names:
+            record["category_name"] = names[int(label)]
+        records.append(record)
+    return records
 
 
 def draw_detections(
