@@ -5,21 +5,21 @@ variant runs in a fresh Python process per image count, so that each peak RSS (V
 
 - streamed: `ddetr predict --checkpoint RUN --out OUT FOLDER`, as a user runs it (`inference.predict_images`: a
   batch read ahead, detections.json and drawings written as the batches come);
+- streamed_cache1024: the same with oneDNN's default kernel cache (`ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024`) instead of
+  the 64 kernels `Detector` asks for on the CPU: images of many sizes fill it with kernels of a few MB each;
 - collected: the command before it took folders: `Detector.predict_files` (a batch decoded at a time, reduced) into a
   dict of every image's detections, then every drawing, then every record in one list, then one JSON write;
 - loaded_first: as `predict_files` was before that (what issue 28 describes): every image decoded at full size before
   the first batch. It shows that the measurement sees memory that grows with the images.
 
-Batches of differently sized images give the model differently sized CPU buffers each time, and glibc's allocator keeps
-freed pieces in its per-thread arenas: in every variant the resident size climbs by a varying 0 to ~250 MB over the
-first couple of hundred images, then levels off (hence 800). What grows with the number of images beyond that is what a
-variant holds per image.
+Each side of each synthetic image is drawn between the two numbers of `--size` (480 to 640 px), so batches come in many
+shapes, as photos of many cameras do.
 
 Seconds are each child's wall time from its first ddetr import (imports and the checkpoint load included); on a shared
 machine they vary by tens of percent from run to run. Prints a table and writes JSON to
 benchmarks/results/predict-memory-cpu.json with the machine, the commit and the shapes.
 
-    python benchmarks/predict_memory.py                      # 50, 200 and 800 images of 480x640
+    python benchmarks/predict_memory.py                      # 50, 200 and 800 images, sides 480 to 640 px
     python benchmarks/predict_memory.py --counts 50 200 --size 240x320
 """
 
@@ -43,7 +43,7 @@ from ddetr.config import build_config  # noqa: E402
 from ddetr.data.synthetic import make_synthetic_coco  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("streamed", "collected", "loaded_first")
+VARIANTS = ("streamed", "streamed_cache1024", "collected", "loaded_first")
 
 # Run in a child process: argv = variant, run folder, image folder, output folder, batch size. Prints one JSON line.
 CHILD = r"""
@@ -96,7 +96,7 @@ def tiny_run(root: Path) -> Path:
 
 
 def images(root: Path, count: int, size: tuple[int, int]) -> Path:
-    """A folder of `count` synthetic JPEGs of `size` (H, W)."""
+    """A folder of `count` synthetic JPEGs, each side drawn between size's two numbers."""
     data = make_synthetic_coco(str(root / f"images-{count}"), 1, count, seed=1, image_size=size)
     return Path(data.val_images)
 
@@ -104,6 +104,10 @@ def images(root: Path, count: int, size: tuple[int, int]) -> Path:
 def measure(variant: str, run: Path, folder: Path, out: Path, batch: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
+    if variant.endswith("_cache1024"):  # oneDNN's own default, which `Detector` lowers unless the variable is set
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "1024"
+        variant = variant.removesuffix("_cache1024")
     done = subprocess.run([sys.executable, "-c", CHILD, variant, str(run), str(folder), str(out), str(batch)],
                           capture_output=True, text=True, env=env, check=False)  # fmt: skip
     if done.returncode != 0:
@@ -115,7 +119,7 @@ def measure(variant: str, run: Path, folder: Path, out: Path, batch: int) -> dic
 
 def print_table(rows: list[dict]) -> None:
     """A markdown table of the rows: (title, key, format) per column, the format's width the title's."""
-    columns = [("variant     ", "variant", "<12"), ("images", "count", ">6"),
+    columns = [("variant           ", "variant", "<18"), ("images", "count", ">6"),
                ("peak RSS (MB)", "peak_rss_mb", ">13.1f"), ("end RSS (MB)", "end_rss_mb", ">12.1f"),
                ("seconds", "seconds", ">7.1f"),
                ("images/s", "speed", ">8.1f"), ("records", "records", ">7"), ("named", "named", ">5"),
@@ -130,7 +134,7 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[50, 200, 800])
-    parser.add_argument("--size", default="480x640", help="image H x W")
+    parser.add_argument("--size", default="480x640", help="MINxMAX: each image side drawn between them")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=RESULTS / "predict-memory-cpu.json")
     args = parser.parse_args()
@@ -146,7 +150,7 @@ def main() -> None:
             for variant in VARIANTS:
                 result = measure(variant, run, folder, root / f"out-{variant}-{count}", args.batch_size)
                 rows.append({"variant": variant, "count": count, **result})
-                print(f"{variant:>12} {count:>5} images: {result['peak_rss_mb']:7.1f} MB peak RSS, "
+                print(f"{variant:>18} {count:>5} images: {result['peak_rss_mb']:7.1f} MB peak RSS, "
                       f"{result['end_rss_mb']:7.1f} MB at the end, "
                       f"{result['seconds']:6.1f} s", flush=True)  # fmt: skip
     print_table(rows)
@@ -159,7 +163,7 @@ def main() -> None:
             growth.setdefault(variant, {})[f"{lo}->{hi}"] = step
             print(f"{variant}: peak {step['peak_rss_mb']:+.1f} MB, end {step['end_rss_mb']:+.1f} MB from {lo} to {hi} "
                   "images")  # fmt: skip
-    report = {"benchmark": "predict_memory", "machine": machine(), "image_size_hw": list(size),
+    report = {"benchmark": "predict_memory", "machine": machine(), "image_sides_px": list(size),
               "batch_size": args.batch_size, "preset": "tiny", "data_scale": 0.3, "rows": rows,
               "growth_mb": growth}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

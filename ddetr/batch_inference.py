@@ -314,5 +314,5 @@ def _draw(pixels: np.ndarray, det: dict[str, np.ndarray], path: str, threshold: 
 
     from ddetr.inference import draw_detections
 
-    tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in det.items()}
+    tensors = {k: torch.tensor(np.asarray(v)) for k, v in det.items()}  # a copy: Ray hands out read-only arrays
     draw_detections(pixels, tensors, path, names=names, threshold=threshold)

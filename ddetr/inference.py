@@ -36,6 +36,7 @@ from ddetr.train.checkpoints import resolve_checkpoint
 log = logging.getLogger(__name__)
 
 DETECTIONS_FILE = "detections.json"
+ONEDNN_CACHE_CAPACITY = "64"  # kernels oneDNN keeps on the CPU (see Detector.__init__)
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
 
@@ -44,6 +45,13 @@ class Detector:
 
     def __init__(self, model: DeformableDETR, cfg: Config, device: str | torch.device | None = None) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":
+            # Why: oneDNN keeps a compiled kernel per convolution and input shape, up to 1,024 of them and a few MB
+            # each, so images of many sizes make the resident size climb by hundreds of MB over a few hundred images
+            # (benchmarks/predict_memory.py). A ResNet's forward uses about 20 shapes: 64 keep a few sizes' worth at
+            # the same speed. oneDNN reads the variable when it first runs (a process that already ran a convolution
+            # keeps its size); a value set by the user wins.
+            os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
         self.model = model.to(self.device).eval()
         self.cfg = cfg
         self.postprocess = PostProcess()
