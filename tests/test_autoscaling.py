@@ -47,12 +47,12 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def start_cluster(hard_timeout, autoscaler_v2: bool = False) -> Iterator[FakeCluster]:
+def start_cluster(hard_timeout, autoscaler_v2: bool = False, worker_types: dict | None = None) -> Iterator[FakeCluster]:
     env = {
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "PYTHONPATH": "",  # the jobs import the shipped checkout (their working directory), nothing else
     }
-    c = FakeCluster({"cpu": NODE}, idle_timeout_s=10, env=env, autoscaler_v2=autoscaler_v2)
+    c = FakeCluster(worker_types or {"cpu": NODE}, idle_timeout_s=10, env=env, autoscaler_v2=autoscaler_v2)
     try:
         with hard_timeout(120):
             c.start()
@@ -255,14 +255,12 @@ DEFAULTS = ["data.scale=0.2", "data.loader_workers=0", "train.log_every=1"]  # e
 @pytest.fixture
 def gpu_cluster(hard_timeout) -> Iterator[FakeCluster]:
     """GPU node types (the fake provider declares GPUs on nodes that have none: torch here is a CPU build)."""
-    env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]), "PYTHONPATH": ""}
-    c = FakeCluster({"gpu": GPU_NODE}, idle_timeout_s=10, env=env)
-    try:
-        with hard_timeout(120):
-            c.start()
-        yield c
-    finally:
-        c.stop()
+    yield from start_cluster(hard_timeout, worker_types={"gpu": GPU_NODE})
+
+
+@pytest.fixture
+def one_cpu_cluster(hard_timeout) -> Iterator[FakeCluster]:
+    yield from start_cluster(hard_timeout, worker_types={"cpu1": ONE_CPU_NODE})
 
 
 def test_gpu_node_types_get_gpu_workers_and_a_torch_without_cuda_is_refused(
@@ -298,24 +296,18 @@ def test_gpu_node_types_get_gpu_workers_and_a_torch_without_cuda_is_refused(
 
 
 def test_a_default_run_on_one_cpu_nodes_leaves_cpus_to_decode(
-    synth_data: Path, tmp_path: Path, hard_timeout, capsys: pytest.CaptureFixture
+    one_cpu_cluster: FakeCluster, synth_data: Path, tmp_path: Path, hard_timeout, capsys: pytest.CaptureFixture
 ) -> None:
     """1-CPU node types, none up: the default CPU split comes from the node types (2 workers x 0.5 CPU beside the
     decode tasks), not from the 0 CPUs up at submit time, and the run trains to the end."""
     from ddetr.cli import main
 
-    env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]), "PYTHONPATH": ""}
-    c = FakeCluster({"cpu1": ONE_CPU_NODE}, idle_timeout_s=10, env=env)
-    try:
-        with hard_timeout(360):
-            c.start()
-            argv = ["--address", c.address, "train", "--preset", "tiny", "--data", str(synth_data), "--follow",
-                    *DEFAULTS, "train.epochs=1", "train.max_steps_per_epoch=4", f"train.storage_path={tmp_path}",
-                    "train.name=one-cpu"]  # fmt: skip
-            code = main(["submit", *argv])
-            logs = capsys.readouterr().out
-    finally:
-        c.stop()
+    with hard_timeout(360):
+        argv = ["--address", one_cpu_cluster.address, "train", "--preset", "tiny", "--data", str(synth_data),
+                "--follow", *DEFAULTS, "train.epochs=1", "train.max_steps_per_epoch=4",
+                f"train.storage_path={tmp_path}", "train.name=one-cpu"]  # fmt: skip
+        code = main(["submit", *argv])
+        logs = capsys.readouterr().out
     assert code == 0, logs[-3000:]
     assert "resources: 2 workers x (0.5 CPU)" in logs, logs[-3000:]
     assert [r["step"] for r in steps(tmp_path / "one-cpu")] == [1, 2, 3, 4]
