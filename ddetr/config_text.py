@@ -105,7 +105,7 @@ def config_yaml(cfg: Config) -> str:
 REFERENCE_HEAD = """\
 # Configuration reference
 
-<!-- Generated from the dataclasses of ddetr/config.py and their comments by `{command}`.
+<!-- Generated from the dataclasses of ddetr/config_sections.py and their comments by `{command}`.
      Edit the comments there and regenerate; tests/test_config_files.py checks that this page matches. -->
 
 A run's configuration has four sections: `model`, `loss`, `data` and `train`. It is built in this order, each

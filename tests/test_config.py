@@ -7,7 +7,16 @@ import math
 
 import pytest
 
-from ddetr.config import PRESETS, Config, LossConfig, ModelConfig, apply_overrides, get_preset
+from ddetr.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    LossConfig,
+    ModelConfig,
+    apply_overrides,
+    build_config,
+    get_preset,
+)
 
 
 def test_defaults_are_the_official_main_py_defaults():
@@ -102,3 +111,44 @@ def test_model_config_rejects_bad_sizes():
     with pytest.raises(ValueError, match="nheads"):
         ModelConfig(d_model=96, nheads=5)
     assert math.isclose(ModelConfig().dropout, 0.1)
+
+
+def _write_split(split_dir, category_ids):
+    """A split folder holding only its dataset.json, as `ddetr data` writes it, with these category ids."""
+    from ddetr import io
+    from ddetr.data.shards import ShardMetadata, write_metadata
+
+    io.makedirs(str(split_dir))
+    categories = [{"id": i, "name": f"c{i}", "supercategory": "thing"} for i in category_ids]
+    write_metadata(str(split_dir), ShardMetadata(split_dir.name, categories, 0, 0, 1, []))
+
+
+def test_data_gives_the_class_count_the_shards_metadata_gives(tmp_path):
+    """The config reads dataset.json without ddetr.data: its count must be the one ShardMetadata computes."""
+    from ddetr.data.shards import read_metadata
+
+    _write_split(tmp_path / "shards" / "train", [1, 7, 3])
+    _write_split(tmp_path / "shards" / "val", [1, 7, 3])
+    cfg = build_config("tiny", str(tmp_path), ["train.epochs=1"], name_run=False)
+    assert cfg.model.num_classes == read_metadata(str(tmp_path / "shards" / "train")).num_classes == 8
+    assert (cfg.data.train, cfg.data.val) == (str(tmp_path / "shards" / "train"), str(tmp_path / "shards" / "val"))
+    assert build_config("tiny", str(tmp_path), ["model.num_classes=3"]).model.num_classes == 3  # overrides win
+    only_train = build_config("tiny", str(tmp_path / "shards" / "train"), name_run=False)  # a split folder
+    assert (only_train.data.train, only_train.data.val, only_train.model.num_classes) == (
+        str(tmp_path / "shards" / "train"),
+        "",
+        8,
+    )
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [(None, "no such file"), ("{not json", "not a split's dataset.json"), ('{"categories": []}', "no categories")],
+)
+def test_a_bad_dataset_json_is_a_config_error_naming_the_file(tmp_path, text, match):
+    (tmp_path / "train").mkdir()
+    if text is not None:
+        (tmp_path / "train" / "dataset.json").write_text(text)
+    with pytest.raises(ConfigError, match=match) as caught:
+        build_config("tiny", str(tmp_path))
+    assert str(tmp_path / "train" / "dataset.json") in str(caught.value)

@@ -114,7 +114,7 @@ def test_the_reference_page_matches_the_code():
 def test_every_key_has_a_meaning_and_the_meanings_come_from_the_comments():
     for name, section in sections().items():
         missing = [key for key, meaning in field_meanings(section).items() if not meaning]
-        assert not missing, f"{name}: give these fields a comment in ddetr/config.py: {missing}"
+        assert not missing, f"{name}: give these fields a comment in ddetr/config_sections.py: {missing}"
     model = field_meanings(ModelConfig)
     assert model["num_queries"].startswith("object queries")  # the comment beside the field
     assert model["num_classes"].startswith("Classifier outputs") and "91" in model["num_classes"]  # the lines above
