@@ -13,6 +13,7 @@ Step callbacks (`callbacks.py`) given to `build_trainer` are pickled to every wo
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -57,6 +58,7 @@ from ddetr.train.lease import HEARTBEAT_S, STALE_AFTER, RunLease, new_owner
 from ddetr.train.logbook import Logbook
 from ddetr.train.loop import fit
 from ddetr.train.results import RunResults
+from ddetr.train.run_files import rank_zero_log
 
 # Metrics reported instead of raising when the loss stops being finite or the data cannot be read: Ray Train
 # would retry a worker error, and a retry resumes from the last checkpoint only to meet the same error again.
@@ -339,7 +341,11 @@ class WorkerLoop:
         run = run_dir(cfg.train.storage_path, cfg.train.name)
         error_file = io.join(run, RUN_ERROR_FILE)
         lease = None
+        run_log = contextlib.ExitStack()
         if ctx.get_world_rank() == 0:
+            # Rank 0's console lines also go to the run folder's log.txt, which the driver's logging cannot fill on
+            # its own (run_files.py). After quiet_worker_logs, which replaces the root logger's handlers.
+            run_log.enter_context(rank_zero_log(run))
             # Before rank 0 writes in the run folder. Another launch's lease is waited for until it is stale (a
             # sweep's trial restarted while its last attempt's rank 0, on another node, was just lost), then refused.
             # The refusal is raised, not reported: it must not write its error into another run's folder.
@@ -366,6 +372,7 @@ class WorkerLoop:
         finally:
             if runtime is not None:
                 runtime.close()
+            run_log.close()
             if lease is not None:
                 lease.release()
 

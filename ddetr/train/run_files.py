@@ -1,17 +1,23 @@
 """What a run folder holds from its first second: `config.yaml` and `log.txt`.
 
 `config.yaml` is the run's resolved config, every key (the text `ddetr config` prints; `ddetr train --config
-RUN/config.yaml` reads it back). `log.txt` gathers the driver's console log lines of every start of the run, each
-start under a line that says so, and the traceback of a run that failed (the console shows it in one line).
+RUN/config.yaml` reads it back). `log.txt` gathers the console's log lines of every start of the run (the driver's
+and, on the Ray engine, rank 0's), each start under a line that says so, and the traceback of a run that failed (the
+console shows it in one line).
 
     with run_files(cfg, engine="ray") as folder:   # in `train()`, after its checks, before Ray starts
         ...
 
-The lines are the driver process's `logging` records that pass the console's levels (a handler beside the
-console's on the root logger). A Ray worker's own lines reach the console through Ray's log forwarding, not through
-the driver's logging, so they are not in log.txt (Ray keeps them in its session logs). A local log.txt grows line by
-line. Object storage has no append: the lines go to a local file, and log.txt is uploaded when the run starts (with
-the starting line) and again, whole, when it ends or fails; a driver killed outright leaves what the start uploaded.
+The lines are those that pass the console's levels, from two processes: the driver's `logging` records (a handler
+beside the console's on the root logger), and, on the Ray engine, rank 0's (its progress lines, epoch summaries and
+validation results: `rank_zero_log`, a handler on the worker's root logger, whose levels are the worker console's).
+The Ray workers' lines reach the driver's console through Ray's log forwarding, which the driver's logging does not
+see, and which is off in sweeps: so rank 0 writes them itself, wherever it runs (a run folder on several nodes is a
+shared file system or a bucket, as for the checkpoints). A local log.txt grows line by line, every writer appending
+whole lines. Object storage has no append: each writer keeps its lines in a local file and appends what is new to
+log.txt by reading it and writing it back whole (the driver when the run starts and when it ends or fails, rank 0
+every UPLOAD_EVERY_S and when it ends), so writers take turns: the driver's lines logged while the workers trained
+come after the workers' in a bucket. A driver or rank 0 killed outright leaves what it had uploaded.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,18 +39,31 @@ from ddetr.train.checkpoints import run_dir
 CONFIG_YAML = "config.yaml"
 LOG_TXT = "log.txt"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# How often rank 0 appends its new lines to a log.txt in object storage (each time: the whole object read and
+# written back, so a run's traffic grows with the square of its log; a few MB after 100k steps, every 30 s, is
+# cheap next to its checkpoints).
+UPLOAD_EVERY_S = 30.0
 
 log = logging.getLogger(__name__)
 
 
 class RunLog:
-    """A logging handler writing to `path` (a local file or a URI), with notes that bypass the loggers' levels."""
+    """A logging handler appending to `path` (a local file or a URI), with notes that bypass the loggers' levels.
 
-    def __init__(self, path: str) -> None:
+    Args:
+        path: log.txt of the run folder.
+        upload_every_s: object storage only: also append the new lines every this many seconds, from a thread of
+            its own (None: only when `upload` or `close` is called).
+    """
+
+    def __init__(self, path: str, upload_every_s: float | None = None) -> None:
         self.path = path
         self.remote = io.is_uri(path)
-        if self.remote:  # earlier starts of the run are kept: the object is rewritten with them first
-            self.before = io.read_text(path) if io.exists(path) else ""
+        self._sent = 0  # object storage: bytes of the local file already appended to the object
+        self._lock = threading.Lock()  # one upload at a time (the thread's and close's)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.remote:
             fd, self.local = tempfile.mkstemp(prefix="ddetr-log-", suffix=".txt")
             os.close(fd)
         else:
@@ -51,6 +71,10 @@ class RunLog:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.handler = logging.FileHandler(self.local, mode="a", encoding="utf-8")
         self.handler.setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
+        if self.remote and upload_every_s:
+            self._thread = threading.Thread(target=self._upload_often, args=(upload_every_s,), daemon=True,
+                                            name="ddetr-run-log")  # fmt: skip
+            self._thread.start()
 
     def note(self, level: int, message: str, exc_info: bool = False) -> None:
         """One line in log.txt only (not on the console), whatever the loggers' levels."""
@@ -58,20 +82,53 @@ class RunLog:
         self.handler.handle(record)
 
     def upload(self) -> None:
-        """Object storage: log.txt rewritten with every line so far (nothing to do for a local file)."""
+        """Object storage: append the lines logged since the last upload to log.txt (nothing to do for a local
+        file, which grows line by line)."""
         if not self.remote:
             return
-        self.handler.flush()
-        try:
-            io.atomic_write(self.path, self.before + Path(self.local).read_text(encoding="utf-8"))
-        except OSError as err:  # the run's own outcome matters more than its log's copy
-            log.warning("could not upload the run's log to %s: %s", self.path, err)
+        with self._lock:
+            self.handler.flush()
+            with open(self.local, "rb") as f:
+                f.seek(self._sent)
+                new = f.read()
+            if not new:
+                return
+            try:
+                # Read back, not remembered: the other writer (the driver, rank 0, an earlier attempt) appended too.
+                before = io.read_text(self.path) if io.exists(self.path) else ""
+                io.atomic_write(self.path, before + new.decode("utf-8", errors="replace"))
+            except OSError as err:  # the run's own outcome matters more than its log's copy; tried again later
+                log.warning("could not upload the run's log to %s: %s", self.path, err)
+                return
+            self._sent += len(new)
+
+    def _upload_often(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.upload()
 
     def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
         self.handler.close()
         self.upload()
         if self.remote:
             Path(self.local).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def rank_zero_log(folder: str) -> Iterator[RunLog]:
+    """On rank 0 of a Ray training: what the worker's console shows (its root logger's handlers) also goes to
+    `folder`/log.txt until the block ends. Call it after the worker's logging is set up (`quiet_worker_logs`
+    replaces the root's handlers)."""
+    run_log = RunLog(io.join(folder, LOG_TXT), upload_every_s=UPLOAD_EVERY_S)
+    root = logging.getLogger()
+    root.addHandler(run_log.handler)
+    try:
+        yield run_log
+    finally:
+        root.removeHandler(run_log.handler)
+        run_log.close()
 
 
 @contextlib.contextmanager
