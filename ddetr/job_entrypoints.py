@@ -102,10 +102,31 @@ def eval_entrypoint(checkpoint: str, data: str) -> str:
     return command(["ddetr", "eval", "--checkpoint", checkpoint, "--data", data])
 
 
-def predict_entrypoint(checkpoint: str, shards: str, out: str, actors: int | None = None) -> str:
-    """`ddetr predict --checkpoint CHECKPOINT --shards SHARDS --out OUT [--actors N]`, shell-quoted."""
-    args = ["ddetr", "predict", "--checkpoint", checkpoint, "--shards", shards, "--out", out]
-    return command(args + (["--actors", str(actors)] if actors else []))
+def predict_entrypoint(
+    checkpoint: str,
+    shards: str | None,
+    out: str,
+    actors: int | None = None,
+    *,
+    images: Sequence[str] = (),
+    options: Sequence[str] = (),
+) -> str:
+    """`ddetr predict --checkpoint CHECKPOINT --out OUT` over `shards` (`--shards SHARDS`) or over `images` (files,
+    folders, globs, s3:// prefixes, given to `--batch`: a Ray Data actor pool, the cluster's way), then `--actors N`
+    and `options` (`--threshold 0.3`, ...), shell-quoted: a glob reaches the cluster's ddetr unexpanded.
+
+    Raises:
+        EntrypointError: both or neither of `images` and `shards`.
+    """
+    if bool(images) == bool(shards):
+        raise EntrypointError(
+            "give the images (files, folders, quoted globs, s3:// prefixes the cluster can read) or --shards DIR, "
+            + ("not both" if images else "one of them")
+        )
+    args = ["ddetr", "predict", "--checkpoint", checkpoint, "--out", out]
+    args += ["--shards", shards] if shards else ["--batch"]
+    args += ["--actors", str(actors)] if actors else []
+    return command([*args, *options, *images])
 
 
 def tune_entrypoint(args: Sequence[str]) -> str:

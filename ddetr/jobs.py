@@ -8,6 +8,7 @@ runtime environment (the checkout as the working directory), and hands them to R
     ddetr submit train --config exp.yaml --data s3://bucket/coco --resume s3://bucket/runs/RUN/latest
     ddetr submit eval --checkpoint s3://bucket/runs/tiny/checkpoint_000009 --data s3://bucket/coco-shards
     ddetr submit predict --checkpoint s3://bucket/runs/tiny/checkpoint_000009 --shards s3://b/val --out s3://b/p
+    ddetr submit predict --checkpoint s3://bucket/runs/tiny --out s3://b/p s3://b/cameras/ 'photos/**/*.jpg'
     ddetr submit tune --preset deformable_detr --data s3://bucket/coco-shards --max-concurrent 4
     ddetr submit run --entrypoint "ddetr data synth --out /tmp/synth" --follow
     ddetr submit --list                   ddetr submit --follow JOB_ID          ddetr submit --stop JOB_ID
@@ -304,13 +305,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="a checkpoint or a run folder (its best; RUN/latest), path or URI"
     )
     p.add_argument("--data", required=True, help="dataset directory or URI of COCO shards")
-    p = submitting("predict", "batch inference: ddetr predict --checkpoint ... --shards ... --out ...", gpus=1)
+    p = submitting(
+        "predict", "batch inference: ddetr predict --checkpoint ... --out ... IMAGES... | --shards ...", gpus=1
+    )
     p.add_argument(
         "--checkpoint", required=True, help="a checkpoint or a run folder (its best; RUN/latest), path or URI"
     )
-    p.add_argument("--shards", required=True, help="shard folder or URI to detect objects in")
+    p.add_argument("--shards", "--data", dest="shards", default=None,
+                   help="shards to detect objects in: a split, or a dataset folder (its val)")  # fmt: skip
     p.add_argument("--out", required=True, help="output folder or URI (on the cluster)")
     p.add_argument("--actors", type=int, default=None, help="largest actor pool (default: from the node types)")
+    p.add_argument("--threshold", type=float, default=None, help="lowest score drawn (default: ddetr predict's)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: ddetr predict's)")
+    p.add_argument("--draw", type=int, default=None, help="images drawn (default: ddetr predict's)")
+    p.add_argument("images", nargs="*", help="image files, folders, quoted globs ('a/**/*.jpg'), s3:// prefixes, "
+                   "where the cluster can read them; detected by an actor pool (ddetr predict --batch)")  # fmt: skip
     add_tune_arguments(submitting("tune", "a sweep: ddetr tune --data ... --space ... (its driver runs on the head)"))
     p = submitting("run", "run any command on the cluster (a sweep, a benchmark)")
     p.add_argument("--entrypoint", required=True, help='shell command, e.g. "ddetr data synth --out /tmp/synth"')
@@ -350,7 +359,11 @@ def _entrypoint(args: argparse.Namespace) -> str:
     if args.command == "eval":
         return eval_entrypoint(args.checkpoint, args.data)
     if args.command == "predict":
-        return predict_entrypoint(args.checkpoint, args.shards, args.out, args.actors)
+        options = [f"--{flag.replace('_', '-')}={value}" for flag in ("threshold", "batch_size", "draw")
+                   if (value := getattr(args, flag)) is not None]  # fmt: skip
+        return predict_entrypoint(
+            args.checkpoint, args.shards, args.out, args.actors, images=args.images, options=options
+        )
     if args.command == "tune":
         return tune_entrypoint(to_argv(args))
     return args.entrypoint

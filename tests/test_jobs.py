@@ -79,6 +79,38 @@ def test_cli_builds_the_ddetr_command_line(monkeypatch: pytest.MonkeyPatch) -> N
     assert submit.entrypoint_for(args) == "ddetr eval --checkpoint ck --data d"
 
 
+def test_submit_predict_takes_the_inputs_of_ddetr_predict() -> None:
+    """Images (files, folders, globs, s3:// prefixes) or --shards/--data, and a run folder as --checkpoint: the
+    entrypoint is a `ddetr predict` command line that the cluster's ddetr parses to the same inputs, a glob
+    unexpanded (the cluster's ddetr expands it where the images are)."""
+    import shlex
+
+    from ddetr.cli import build_parser as ddetr_parser
+
+    argv = ["predict", "--checkpoint", "s3://b/runs/r50", "--out", "s3://b/preds", "--threshold", "0.3",
+            "s3://b/cameras/", "photos/**/*.jpg", "one.jpg", "--actors", "4"]  # fmt: skip
+    entrypoint = submit.entrypoint_for(submit.build_parser().parse_args(argv))
+    assert entrypoint == (
+        "ddetr predict --checkpoint s3://b/runs/r50 --out s3://b/preds --batch --actors 4 --threshold=0.3 "
+        "s3://b/cameras/ 'photos/**/*.jpg' one.jpg"
+    )
+    ran = ddetr_parser().parse_args(shlex.split(entrypoint)[1:])
+    assert ran.images == ["s3://b/cameras/", "photos/**/*.jpg", "one.jpg"] and ran.batch and ran.shards is None
+    assert (ran.checkpoint, ran.out, ran.actors, ran.threshold) == ("s3://b/runs/r50", "s3://b/preds", 4, 0.3)
+
+    args = submit.build_parser().parse_args(["predict", "--checkpoint", "runs/a/latest", "--data", "s3://b/coco",
+                                             "--out", "p", "--batch-size", "16"])  # fmt: skip
+    entrypoint = submit.entrypoint_for(args)
+    assert entrypoint == "ddetr predict --checkpoint runs/a/latest --out p --shards s3://b/coco --batch-size=16"
+    ran = ddetr_parser().parse_args(shlex.split(entrypoint)[1:])
+    assert (ran.shards, ran.batch_size, ran.images, ran.batch) == ("s3://b/coco", 16, [], False)
+
+    for wrong, says in ((["--shards", "s", "a.jpg"], "not both"), ([], "one of them")):
+        args = submit.build_parser().parse_args(["predict", "--checkpoint", "c", "--out", "o", *wrong])
+        with pytest.raises(submit.SubmitError, match=f"ddetr submit predict: give the images .*{says}"):
+            submit.entrypoint_for(args)
+
+
 def test_cli_rejects_malformed_env() -> None:
     with pytest.raises(SystemExit):
         submit.build_parser().parse_args(["run", "--entrypoint", "true", "--env", "NOEQUALS"])
