@@ -207,9 +207,9 @@ def _detect(
     `draw` images, by image id."""
     import ray.data
 
-    from ddetr.train.ray_train import init_local_ray
+    from ddetr.ray_session import start_or_join
 
-    init_local_ray()
+    start_or_join()
     max_actors, use_gpu = pool_size(max_actors, use_gpu, cpus_per_actor)
     io.makedirs(out)
     ds = ds.map_batches(

@@ -398,10 +398,10 @@ def deploy(settings: ServeSettings) -> bool:
         ReplicasNotRunning: the replicas were not running in time (on a local Ray started here, Serve is shut down;
             on a cluster the application is left to start, `serve shutdown` removes it).
     """
-    from ddetr.train.ray_train import init_local_ray
+    from ddetr.ray_session import start_or_join
 
     settings = resolved(settings)  # before Ray starts: a wrong path is one line; every replica loads the same one
-    started = init_local_ray()
+    started = start_or_join()
     # The proxy cuts a request a little after the replica would, so that the replica's own answer (408, 503) comes
     # first; a client's x-request-timeout-seconds header can lift the proxy's limit, never the replica's.
     serve.start(http_options={"host": settings.host, "port": settings.port,

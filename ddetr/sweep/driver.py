@@ -48,7 +48,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search import BasicVariantGenerator
 
-from ddetr import io
+from ddetr import io, ray_session
 from ddetr.cluster import DRIVER_RESOURCE, cluster_maxima
 from ddetr.config import Config, apply_overrides, build_config
 from ddetr.sweep.asha import STATE_FILE, ResumableASHA, refuse_pickled_state
@@ -231,13 +231,11 @@ def init_ray() -> None:
 
     Ray Train's placement-group cleaner asks the State API for "the" cluster; on a machine running several Ray
     instances it cannot tell which and stopped trials leak their placement groups, so every process of the sweep
-    gets the address in its environment (the job's runtime environment).
+    gets the address in its environment (the job's runtime environment). Trials' output stays in their logs.
     """
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = os.environ["RAY_ADDRESS"]
-    ray.init(address=address, runtime_env={"env_vars": {"RAY_ADDRESS": address}}, log_to_driver=False)
+    ray_session.join(os.environ["RAY_ADDRESS"], log_to_driver=False, pass_address=True)
 
 
 def rerun_on_local_ray(argv: list[str]) -> int:
@@ -246,9 +244,7 @@ def rerun_on_local_ray(argv: list[str]) -> int:
     A job's runtime environment is fixed when its driver connects, and the address of a local Ray is known only
     once it runs: hence a second driver.
     """
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", include_dashboard=True, log_to_driver=False, configure_logging=False)
+    ray_session.start_local(log_to_driver=False)  # with its dashboard: Tune's trials need the State API
     try:
         env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
         return subprocess.call([sys.executable, "-m", "ddetr.cli", "tune", *argv], env=env)

@@ -19,7 +19,7 @@ import ray.train
 import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
-from ddetr import io
+from ddetr import io, ray_session
 from ddetr.cluster import Capacity, capacity
 from ddetr.config import Config, ConfigError, named
 from ddetr.data.shards import DataError
@@ -192,25 +192,7 @@ def check_result(result: ray.train.Result) -> dict[str, Any]:
 def init_local_ray(num_cpus: int | None = None) -> bool:
     """Start a quiet local Ray when none is running (the demo and tests); a cluster's address is used if set.
 
-    Returns True when this call started a local Ray (one that cannot add nodes).
+    Returns True when this call started a local Ray (one that cannot add nodes). `ddetr.ray_session.start_or_join`
+    with the workers' output forwarded to the driver's console (`console.quiet_forwarded_lines` filters it).
     """
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # The dashboard serves the State API that Ray Train's placement-group cleaner polls: without it the cleaner
-    # takes a live run for dead, removes its placement group and so kills the workers.
-    # "local": a new Ray even where /tmp/ray/ray_current_cluster names another one, which a Ray that died
-    # without `ray stop` leaves behind; ray.init() would try to join that address and hang.
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        log_to_driver=True,
-        configure_logging=False,
-    )
-    return True
+    return ray_session.start_or_join(num_cpus, log_to_driver=True)
