@@ -164,3 +164,97 @@ def test_the_readmes_data_check_and_config_lines_run_as_written(tmp_path, monkey
             assert build_config(None, None, [], out, name_run=False) == again, line
         else:
             assert "boxes/image" in printed and "rectangle" in printed, printed
+
+
+# ---- the README's commands, in its order, on a fresh folder -----------------------------------------------------
+
+# Appended to every command that trains (`ddetr train`, `ddetr demo`): the tiny preset's model (ResNet-18, d_model 64,
+# 2+2 layers, nothing downloaded; `ddetr.config.tiny`) on any paper preset, whose variant flags (box refinement, two
+# stage) stay; the small images and the 1-worker budget of tests/test_train_ray.py; one epoch of at most 2 steps.
+TINY_TRAINING = [
+    "model.backbone=resnet18", "model.d_model=64", "model.enc_layers=2", "model.dec_layers=2",
+    "model.dim_feedforward=256", "model.nheads=4", "model.num_queries=10", "model.dropout=0",
+    "model.pretrained_backbone=none", "data.scale=0.1", "train.epochs=1", "train.max_steps_per_epoch=2",
+    "train.batch_size=2", "train.num_workers=1", "train.cpus_per_worker=0.5", "train.log_every=1",
+]  # fmt: skip
+# Every README command that this test does not run, by its first words, with the reason: a new command is either run
+# or listed here, never skipped silently.
+NOT_RUN = {
+    "pip install": "installs packages: the test runs in the environment they made",
+    "make test": "the test suite itself",
+    "ray up": "starts a cloud cluster",
+    "ddetr submit": "submits to a remote cluster (jobs: tests/test_jobs.py against a local head)",
+    "ddetr train --preset box_refine --data shards/pets model.init_from=r50_": "needs the official checkpoint, a "
+    "download (loading it: tests/test_weights.py)",
+    "ddetr serve": "a server that runs until stopped (tests/test_serve.py)",
+    "curl ": "asks the server of `ddetr serve`",
+    "ddetr tune": "a sweep of 8 Ray Train trials, minutes on 2 CPUs (tests/test_tune.py runs a small one)",
+    "ddetr train --config runs/tune/NAME/": "NAME is the sweep's, which is not run",
+}
+# `make demo` is `ddetr demo` in the Makefile; here on the tiny demo data (6 + 3 images) laid out beforehand.
+INSTEAD = {"make demo": "ddetr demo --out results/demo --epochs 1"}
+
+
+def shell_lines(markdown: str) -> list[str]:
+    """Every command line of the page's bash blocks, in order: continuation lines joined, comments cut."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, re.S):
+        for line in re.sub(r"\s*\\\n\s*", " ", block).splitlines():
+            line = line.split("#")[0].strip() if line.lstrip().startswith("#") else line.split("  #")[0].strip()
+            if line:
+                found.append(line)
+    return found
+
+
+def lay_out_users_data(root: Path) -> None:
+    """What the README's commands expect to find besides the demo's data: a YOLO folder (datasets/pets), a VOC folder
+    (VOCdevkit/VOC2012) and a COCO split (coco/train2017 + its annotations), tiny fixtures of tests/test_data_formats.py
+    and the synthetic COCO; and the demo's synthetic data, small, where `make demo` looks for it first."""
+    import shutil
+
+    from ddetr.data.synthetic import make_synthetic_coco
+    from tests.test_data_formats import make_voc, make_yolo
+
+    make_yolo(root / "datasets" / "pets")
+    make_voc(root / "VOCdevkit" / "VOC2012")
+    demo = make_synthetic_coco(str(root / "results" / "demo" / "synthetic"), 6, 3, seed=0, image_size=(48, 64))
+    shutil.copytree(demo.train_images, root / "coco" / "train2017")
+    (root / "coco" / "annotations").mkdir(parents=True)
+    shutil.copy(demo.train_annotations, root / "coco" / "annotations" / "instances_train2017.json")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_readmes_commands_run_in_its_order(ray_local, tmp_path, monkeypatch, capsys, hard_timeout):
+    """The README from top to bottom in a fresh folder, in this process (the suite's Ray serves the Ray engine, as
+    a local Ray would), each command as written plus TINY_TRAINING where it trains; each must exit 0."""
+    from ddetr.cli import main
+
+    lay_out_users_data(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    ran, skipped = [], []
+    with hard_timeout(600):
+        for line in shell_lines(README.read_text()):
+            reason = next((why for start, why in NOT_RUN.items() if line.startswith(start)), None)
+            if reason:
+                skipped.append(line)
+                continue
+            line = INSTEAD.get(line, line)
+            assert line.startswith("ddetr "), f"README.md: `{line}` is neither run nor in NOT_RUN with a reason"
+            argv = shlex.split(line)[1:]
+            out = argv[argv.index(">") + 1] if ">" in argv else None
+            argv = argv[: argv.index(">")] if out else argv
+            if argv[0] in ("train", "demo"):
+                argv += TINY_TRAINING
+            capsys.readouterr()
+            code = main(argv)
+            printed = capsys.readouterr()
+            assert code == 0, f"README.md: `{line}` exited {code}:\n{printed.err[-3000:]}"
+            if out:
+                Path(out).write_text(printed.out)
+            ran.append(line)
+    assert len(ran) >= 15, ran
+    stale = [start for start in NOT_RUN if not any(line.startswith(start) for line in skipped)]
+    assert not stale, f"NOT_RUN names commands the README no longer has: {stale}"
+    assert Path("preds/detections.json").exists() and Path("detector.onnx").exists()
+    assert (Path("runs/pets") / "log.txt").exists()
