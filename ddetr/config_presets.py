@@ -11,7 +11,7 @@ import secrets
 import time
 from collections.abc import Callable
 
-from ddetr.config_sections import Config, ModelConfig, UnknownNameError, did_you_mean
+from ddetr.config_sections import Config, LossConfig, ModelConfig, TrainConfig, UnknownNameError, did_you_mean
 
 
 def single_scale() -> Config:
@@ -32,6 +32,18 @@ def box_refine() -> Config:
 
 def two_stage() -> Config:
     return Config(model=ModelConfig(with_box_refine=True, two_stage=True))
+
+
+def two_stage_12ep_boosted() -> Config:
+    """Two-stage + refinement in 12 epochs with H-Deformable-DETR's recipe (R50: 48.7 AP there, 43.7 without):
+    hybrid matching (K 6, T 1500), dropout 0, mixed query selection, look forward twice, FFN 2048, lr drop at 11."""
+    return Config(
+        model=ModelConfig(
+            with_box_refine=True, two_stage=True, mixed_query_selection=True, dropout=0.0, dim_feedforward=2048
+        ),
+        loss=LossConfig(one_to_many_queries=1500, one_to_many_repeat=6, look_forward_twice=True),
+        train=TrainConfig(epochs=12, lr_drop=11),
+    )
 
 
 def tiny() -> Config:
@@ -56,6 +68,7 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "deformable_detr": deformable_detr,
     "box_refine": box_refine,
     "two_stage": two_stage,
+    "two_stage_12ep_boosted": two_stage_12ep_boosted,
     "tiny": tiny,
 }
 

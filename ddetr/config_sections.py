@@ -68,6 +68,10 @@ class ModelConfig:
     # Two-stage: the IoU above which a proposal is set aside for a better-scoring one before the decoder gets its
     # num_queries (greedy NMS over the encoder's proposals); 0 keeps the plain top-k of the paper.
     proposal_nms: float = 0.0
+    # Two-stage: learned content queries beside the proposals' positional ones (DINO's mixed query selection). A
+    # variant of its own: its checkpoints hold query_embed (num_queries x d_model), which neither the official release
+    # nor the Hugging Face format has, so the Hugging Face export refuses it.
+    mixed_query_selection: bool = False
     aux_loss: bool = True  # a loss on every decoder layer's output, not only the last one's
     # Classifier outputs: the largest category id + 1 (`--data` sets it from the dataset). COCO's raw ids go up to 90:
     # the official release uses 91.
@@ -103,6 +107,8 @@ class ModelConfig:
         if self.two_stage and not self.with_box_refine:
             # The paper's two-stage variant refines boxes iteratively; the official configs always pair them.
             raise ConfigError("model.two_stage=true needs model.with_box_refine=true (the paper pairs them)")
+        if self.mixed_query_selection and not self.two_stage:
+            raise ConfigError("model.mixed_query_selection sets learned content queries on proposals: needs two_stage")
 
 
 @dataclass
@@ -116,6 +122,24 @@ class LossConfig:
     focal_alpha: float = 0.25  # alpha of the focal classification loss
     # The class cost of the matcher has its own alpha: the official matcher fixes it at 0.25 whatever the loss uses.
     matcher_focal_alpha: float = 0.25
+    # Hybrid matching (H-DETR), training only: this many extra queries (two-stage: the next proposals; else learned
+    # rows) decoded beside the model's and matched to each target one_to_many_repeat times; 0: off. The deployed model
+    # is the plain one. H-DETR: 1500 beside 300 queries.
+    one_to_many_queries: int = 0
+    one_to_many_repeat: int = 6  # hybrid matching: K, the copies of each target the extra queries are matched to
+    one_to_many_weight: float = 1.0  # hybrid matching: weight of the one-to-many losses (H-DETR's lambda)
+    # Look forward twice (DINO), training only: layer d's box loss also trains layer d-1's refinement (the box it
+    # passes on stays detached); needs model.with_box_refine. Evaluation is unchanged.
+    look_forward_twice: bool = False
+
+    def __post_init__(self) -> None:
+        if self.one_to_many_queries < 0:
+            raise ConfigError(f"loss.one_to_many_queries must be >= 0 (0: off), got {self.one_to_many_queries}")
+        if self.one_to_many_queries and (self.one_to_many_repeat < 1 or self.one_to_many_weight <= 0):
+            raise ConfigError(
+                f"hybrid matching (loss.one_to_many_queries={self.one_to_many_queries}) needs loss.one_to_many_repeat "
+                f">= 1 and loss.one_to_many_weight > 0, got {self.one_to_many_repeat} and {self.one_to_many_weight}"
+            )
 
 
 @dataclass
@@ -232,6 +256,10 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss.look_forward_twice and not self.model.with_box_refine:
+            raise ConfigError("loss.look_forward_twice trains the box refinement: it needs model.with_box_refine=true")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of JSON types: {"model": {...}, "loss": {...}, "data": {...}, "train": {...}}."""

@@ -18,7 +18,11 @@ SAME_ON_EVERY_RANK = "same_on_every_rank"
 
 
 def build_detector(
-    m: ModelConfig, *, load_backbone_weights: bool = True, train_backbone: bool = True
+    m: ModelConfig,
+    *,
+    load_backbone_weights: bool = True,
+    train_backbone: bool = True,
+    loss: LossConfig | None = None,
 ) -> DeformableDETR:
     """The model alone (no criterion), e.g. for inference or to read a checkpoint's keys.
 
@@ -27,6 +31,8 @@ def build_detector(
         load_backbone_weights: False when a full checkpoint is loaded next (eval, predict, resume, init_from):
             nothing is fetched, but the same parameters are frozen as with the weights.
         train_backbone: False freezes the whole backbone (`train.lr_backbone=0`).
+        loss: the training-only parts it asks for (hybrid matching's one-to-many queries, look forward twice);
+            None builds the model as deployed, whose weights are a checkpoint's shipped ones.
     """
     if load_backbone_weights and not has_pretrained_weights(m.pretrained_backbone):
         log.warning(
@@ -56,6 +62,9 @@ def build_detector(
         aux_loss=m.aux_loss,
         with_box_refine=m.with_box_refine,
         two_stage=m.two_stage,
+        mixed_query_selection=m.mixed_query_selection,
+        num_queries_one_to_many=loss.one_to_many_queries if loss is not None else 0,
+        look_forward_twice=loss is not None and loss.look_forward_twice,
     )
 
 
@@ -68,8 +77,10 @@ def build_criterion(m: ModelConfig, loss: LossConfig) -> SetCriterion:
         m.dec_layers,
         aux_loss=m.aux_loss,
         two_stage=m.two_stage,
+        one_to_many_weight=loss.one_to_many_weight if loss.one_to_many_queries else 0.0,
     )
-    return SetCriterion(m.num_classes, matcher, weight_dict, focal_alpha=loss.focal_alpha)
+    repeat = loss.one_to_many_repeat if loss.one_to_many_queries else 0
+    return SetCriterion(m.num_classes, matcher, weight_dict, focal_alpha=loss.focal_alpha, one_to_many_repeat=repeat)
 
 
 def build_model(
@@ -77,12 +88,13 @@ def build_model(
 ) -> tuple[DeformableDETR, SetCriterion, dict[str, PostProcess]]:
     """-> (model, criterion, {"bbox": PostProcess()}), the three pieces the training engine needs.
 
-    `criterion.weight_dict` holds the loss weights and `criterion.total_loss(losses)` their weighted sum.
+    `criterion.weight_dict` holds the loss weights and `criterion.total_loss(losses)` their weighted sum. The model
+    has the training-only parts of `cfg.loss` (hybrid matching, look forward twice): in eval mode it is the plain one.
     `train.lr_backbone <= 0` freezes the whole backbone, as the official `train_backbone`, so its parameters
     get no gradient and stay out of the optimizer and the clipping norm. `load_backbone_weights`: see
     `build_detector`.
     """
     model = build_detector(
-        cfg.model, load_backbone_weights=load_backbone_weights, train_backbone=cfg.train.lr_backbone > 0
+        cfg.model, load_backbone_weights=load_backbone_weights, train_backbone=cfg.train.lr_backbone > 0, loss=cfg.loss
     )
     return model, build_criterion(cfg.model, cfg.loss), {"bbox": PostProcess()}

@@ -12,9 +12,13 @@ beside files of the run (metrics.json, config.json). `verify_checkpoint` checks 
 `state_file` is what every reader of a folder or a file loads.
 
 Our parameter names and shapes equal the official ones for every variant, so the `model` entry of an
-official `.pth` loads with `strict=True`. Official files also pickle the run's `argparse.Namespace`; every file is
-read with `torch.load(weights_only=True)`, allowing only that class (and the `Counter` of the lr scheduler's
-state) beyond tensors and containers: a file that pickles anything else is refused rather than executed.
+official `.pth` loads with `strict=True`. A checkpoint's `model` and `ema` entries are the training state: with
+hybrid matching they also hold the one-to-many queries, which `shipped_state_dict` leaves out of the weights that
+evaluation, export, serving and fine-tuning read.
+
+Official files also pickle the run's `argparse.Namespace`; every file is read with `torch.load(weights_only=True)`,
+allowing only that class (and the `Counter` of the lr scheduler's state) beyond tensors and containers: a file that
+pickles anything else is refused rather than executed.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from torch import nn
 
 from ddetr import io
 from ddetr.config import ModelConfig
+from ddetr.models.hybrid import is_training_only
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +80,12 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ) from e
     except (RuntimeError, EOFError, OSError) as e:  # torch reports a truncated zip as a RuntimeError
         raise CorruptCheckpointError(f"checkpoint {os.fspath(path)} cannot be read ({e})") from e
+
+
+def shipped_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The deployed model's weights of a training state dict: without the training-only parameters (hybrid
+    matching's one-to-many queries, `ddetr.models.hybrid.TRAINING_ONLY_PREFIX`), so the keys are the plain model's."""
+    return {k: v for k, v in state.items() if not is_training_only(k)}
 
 
 def state_file(path: str | os.PathLike) -> Path:

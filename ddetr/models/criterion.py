@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddetr.models import box_ops
+from ddetr.models.hybrid import repeat_targets
 from ddetr.models.matcher import HungarianMatcher
 
 
@@ -42,14 +43,21 @@ class SetCriterion(nn.Module):
         matcher: the Hungarian matcher.
         weight_dict: loss name -> weight, for `total_loss` (see `build_weight_dict`).
         focal_alpha: alpha of the focal loss.
+        one_to_many_repeat: K, how many times hybrid matching's one-to-many group sees each target (0: the model
+            has no such group).
     """
 
     def __init__(
-        self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float], focal_alpha: float = 0.25
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        weight_dict: dict[str, float],
+        focal_alpha: float = 0.25,
+        one_to_many_repeat: int = 0,
     ) -> None:
         super().__init__()
         self.num_classes, self.matcher, self.weight_dict = num_classes, matcher, weight_dict
-        self.focal_alpha = focal_alpha
+        self.focal_alpha, self.one_to_many_repeat = focal_alpha, one_to_many_repeat
 
     @staticmethod
     def _src_permutation_idx(indices: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,20 +139,41 @@ class SetCriterion(nn.Module):
 
         Returns:
             "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error"; the same with suffix `_i`
-            per auxiliary output (no class_error) and `_enc` for the two-stage encoder proposals.
+            per auxiliary output (no class_error) and `_enc` for the two-stage encoder proposals; with a
+            "one_to_many" output (hybrid matching), the final and auxiliary ones again with suffix `_one2many`.
         """
         if num_boxes is None:
             num_boxes = self.count_boxes(targets, outputs["pred_logits"].device)
 
-        losses = self._losses(outputs, targets, num_boxes, log=True)
-        for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
-            aux = self._losses(aux_outputs, targets, num_boxes, log=False)
-            losses.update({f"{k}_{i}": v for k, v in aux.items()})
+        losses = self._layer_losses(outputs, targets, num_boxes, log=True)
         if "enc_outputs" in outputs:
             # The first stage is class-agnostic: every target is "object" (class 0).
             bin_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             enc = self._losses(outputs["enc_outputs"], bin_targets, num_boxes, log=False)
             losses.update({f"{k}_enc": v for k, v in enc.items()})
+        if "one_to_many" in outputs:
+            if self.one_to_many_repeat < 1:
+                raise ValueError(
+                    "the model has a one-to-many group but the criterion repeats no targets for it: build both from "
+                    "one config (loss.one_to_many_queries and loss.one_to_many_repeat)"
+                )
+            # Each target K times, normalised by the K-fold count (as H-DETR's separate criterion call does). The
+            # encoder's proposals are left out, as in H-DETR: they are trained once, one-to-one.
+            many = self._layer_losses(
+                outputs["one_to_many"],
+                repeat_targets(targets, self.one_to_many_repeat),
+                num_boxes * self.one_to_many_repeat,
+                log=False,
+            )
+            losses.update({f"{k}_one2many": v for k, v in many.items()})
+        return losses
+
+    def _layer_losses(self, outputs: dict, targets: list[dict], num_boxes: float, log: bool) -> dict[str, torch.Tensor]:
+        """The losses of the last decoder layer's outputs, and those of `outputs["aux_outputs"]` with suffix `_i`."""
+        losses = self._losses(outputs, targets, num_boxes, log=log)
+        for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
+            aux = self._losses(aux_outputs, targets, num_boxes, log=False)
+            losses.update({f"{k}_{i}": v for k, v in aux.items()})
         return losses
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -159,13 +188,18 @@ def build_weight_dict(
     dec_layers: int,
     aux_loss: bool = True,
     two_stage: bool = False,
+    one_to_many_weight: float = 0.0,
 ) -> dict[str, float]:
-    """Loss weights: the final layer's, the same for aux outputs `_0`..`_{dec_layers-2}`, and `_enc` (two-stage)."""
+    """Loss weights: the final layer's, the same for aux outputs `_0`..`_{dec_layers-2}`, and `_enc` (two-stage);
+    with `one_to_many_weight` > 0 (hybrid matching), the final and aux ones again with suffix `_one2many`, times it."""
     base = {"loss_ce": cls_loss_coef, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef}
-    weight_dict = dict(base)
+    layers = dict(base)
     if aux_loss:
         for i in range(dec_layers - 1):
-            weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
+            layers.update({f"{k}_{i}": v for k, v in base.items()})
+    weight_dict = dict(layers)
     if two_stage:
         weight_dict.update({f"{k}_enc": v for k, v in base.items()})
+    if one_to_many_weight > 0:
+        weight_dict.update({f"{k}_one2many": v * one_to_many_weight for k, v in layers.items()})
     return weight_dict

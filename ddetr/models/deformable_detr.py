@@ -12,6 +12,7 @@ from torch import nn
 from ddetr.models import box_ops
 from ddetr.models.backbone import Joiner
 from ddetr.models.deformable_transformer import DeformableTransformer, inverse_sigmoid
+from ddetr.models.hybrid import OneToManyQueries
 
 
 class MLP(nn.Module):
@@ -43,6 +44,12 @@ class DeformableDETR(nn.Module):
         aux_loss: also return every decoder layer's predictions.
         with_box_refine: per-layer heads, each refining the previous layer's boxes.
         two_stage: queries from encoder proposals (needs per-layer heads to be meaningful; see the presets).
+        mixed_query_selection: two-stage with learned content queries (`query_embed`, (Q, d_model)) beside the
+            proposals' positional ones; a variant of its own, which the official and Hugging Face formats lack.
+        num_queries_one_to_many: T > 0 adds hybrid matching's one-to-many group while training (`hybrid.py`):
+            its outputs are the extra "one_to_many" entry; in eval mode the model is the plain one.
+        look_forward_twice: layer d's boxes stay attached to layer d-1's refinement in the outputs (training only
+            changes: the values are the same); needs with_box_refine.
     """
 
     def __init__(
@@ -55,8 +62,15 @@ class DeformableDETR(nn.Module):
         aux_loss: bool = True,
         with_box_refine: bool = False,
         two_stage: bool = False,
+        mixed_query_selection: bool = False,
+        num_queries_one_to_many: int = 0,
+        look_forward_twice: bool = False,
     ) -> None:
         super().__init__()
+        if mixed_query_selection != transformer.mixed_query_selection:
+            raise ValueError("DeformableDETR: mixed_query_selection must match the transformer's")
+        if look_forward_twice and not with_box_refine:
+            raise ValueError("look forward twice trains each layer's box refinement: it needs with_box_refine")
         self.num_queries, self.num_feature_levels = num_queries, num_feature_levels
         self.transformer = transformer
         hidden_dim = transformer.d_model
@@ -64,9 +78,19 @@ class DeformableDETR(nn.Module):
         bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)  # (positional, content) per query
+        elif mixed_query_selection:
+            self.query_embed = nn.Embedding(num_queries, hidden_dim)  # content only: positions come from proposals
+        self.num_queries_one_to_many = num_queries_one_to_many
+        if num_queries_one_to_many and (not two_stage or mixed_query_selection):
+            # The one-to-many group's own learned rows, kept out of the shipped weights (two-stage without mixed
+            # selection takes its queries from the proposals and learns nothing extra).
+            width = hidden_dim if two_stage else hidden_dim * 2
+            self.one_to_many = OneToManyQueries(num_queries_one_to_many, width)
         self.input_proj = self._input_projections(backbone.num_channels, hidden_dim, num_feature_levels)
         self.backbone = backbone
         self.aux_loss, self.with_box_refine, self.two_stage = aux_loss, with_box_refine, two_stage
+        self.mixed_query_selection = mixed_query_selection
+        transformer.decoder.look_forward_twice = look_forward_twice
 
         # Focal-loss prior: every logit starts at p = 0.01, so the many background queries do not swamp the loss.
         prior_prob = 0.01
@@ -120,7 +144,9 @@ class DeformableDETR(nn.Module):
         Returns:
             dict with "pred_logits" (B, Q, K) logits; "pred_boxes" (B, Q, 4) (cx, cy, w, h) in [0, 1] of the
             valid image; "aux_outputs" (with aux_loss) a list of n_dec - 1 such dicts from the earlier decoder
-            layers; "enc_outputs" (two-stage) {"pred_logits" (B, S, K), "pred_boxes" (B, S, 4)} per encoder pixel.
+            layers; "enc_outputs" (two-stage) {"pred_logits" (B, S, K), "pred_boxes" (B, S, 4)} per encoder pixel;
+            "one_to_many" (training with hybrid matching only) "pred_logits" (B, T', K), "pred_boxes" (B, T', 4)
+            and "aux_outputs" of the one-to-many group (T' = T, or the proposals left beyond Q in two-stage).
         """
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
@@ -146,9 +172,13 @@ class DeformableDETR(nn.Module):
         Returns:
             the dict of `forward`.
         """
-        query_embeds = None if self.two_stage else self.query_embed.weight
+        # Hybrid matching's one-to-many group exists only while training: in eval mode this is the plain model.
+        num_one_to_many = self.num_queries_one_to_many if self.training else 0
+        query_embeds = None if self.two_stage and not self.mixed_query_selection else self.query_embed.weight
+        if num_one_to_many and hasattr(self, "one_to_many"):
+            query_embeds = torch.cat([query_embeds, self.one_to_many.query_embed.weight])  # (Q + T, 2D or D)
         hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
-            srcs, masks, pos, query_embeds
+            srcs, masks, pos, query_embeds, num_one_to_many
         )
 
         outputs_classes, outputs_coords = [], []
@@ -162,14 +192,25 @@ class DeformableDETR(nn.Module):
             outputs_classes.append(self.class_embed[lvl](hs[lvl]))
             outputs_coords.append(tmp.sigmoid())
 
-        out = {"pred_logits": outputs_classes[-1], "pred_boxes": outputs_coords[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [
-                {"pred_logits": a, "pred_boxes": b}
-                for a, b in zip(outputs_classes[:-1], outputs_coords[:-1], strict=True)
-            ]
+        Q = self.num_queries
+        if hs.shape[2] == Q:  # the plain model (the only one in eval mode: no slicing in its graph)
+            out = self._layer_outputs(outputs_classes, outputs_coords)
+        else:  # the one-to-many group follows the Q queries of the model
+            out = self._layer_outputs([c[:, :Q] for c in outputs_classes], [b[:, :Q] for b in outputs_coords])
+            out["one_to_many"] = self._layer_outputs(
+                [c[:, Q:] for c in outputs_classes], [b[:, Q:] for b in outputs_coords]
+            )
         if self.two_stage:
             out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
+        return out
+
+    def _layer_outputs(self, classes: list[torch.Tensor], coords: list[torch.Tensor]) -> dict:
+        """The last layer's "pred_logits" and "pred_boxes", with the earlier layers' as "aux_outputs" (aux_loss)."""
+        out: dict = {"pred_logits": classes[-1], "pred_boxes": coords[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [
+                {"pred_logits": a, "pred_boxes": b} for a, b in zip(classes[:-1], coords[:-1], strict=True)
+            ]
         return out
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from ddetr.models import box_ops
 from ddetr.models.deformable_encoder import DeformableTransformerEncoder, DeformableTransformerEncoderLayer
+from ddetr.models.hybrid import group_attention_mask
 from ddetr.ops import MSDeformAttn
 
 if TYPE_CHECKING:
@@ -64,10 +65,15 @@ class DeformableTransformerDecoderLayer(nn.Module):
         src_spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         src_padding_mask: torch.Tensor,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tgt, query_pos (B, Q, D); reference_points (B, Q, L, 2 or 4); src (B, S, D) -> (B, Q, D)."""
+        """tgt, query_pos (B, Q, D); reference_points (B, Q, L, 2 or 4); src (B, S, D) -> (B, Q, D).
+
+        self_attn_mask: (Q, Q) bool, True where query i may not attend to query j (hybrid matching's groups).
+        """
         q = k = tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        attn = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        tgt = self.norm2(tgt + self.dropout2(attn))
         tgt2 = self.cross_attn(
             tgt + query_pos, reference_points, src, src_spatial_shapes, level_start_index, src_padding_mask
         )
@@ -81,7 +87,8 @@ class DeformableTransformerDecoder(nn.Module):
 
     `bbox_embed` (per-layer box heads, shared with the detector) is set for iterative box refinement and
     `class_embed` for two-stage; they live here because the official state dict names them
-    `transformer.decoder.bbox_embed` / `transformer.decoder.class_embed`.
+    `transformer.decoder.bbox_embed` / `transformer.decoder.class_embed`. `look_forward_twice` (set by the
+    detector, a training refinement of DINO) returns each layer's refined boxes before the detach.
     """
 
     def __init__(self, layer: DeformableTransformerDecoderLayer, num_layers: int) -> None:
@@ -90,6 +97,7 @@ class DeformableTransformerDecoder(nn.Module):
         self.num_layers = num_layers
         self.bbox_embed: nn.ModuleList | None = None
         self.class_embed: nn.ModuleList | None = None
+        self.look_forward_twice = False
 
     def forward(
         self,
@@ -101,16 +109,19 @@ class DeformableTransformerDecoder(nn.Module):
         src_valid_ratios: torch.Tensor,
         query_pos: torch.Tensor,
         src_padding_mask: torch.Tensor,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             tgt, query_pos: (B, Q, D) content and positional queries.
             reference_points: (B, Q, 2) points or (B, Q, 4) boxes, normalised to the valid image.
             src: (B, S, D) memory; src_valid_ratios (B, L, 2); src_padding_mask (B, S).
+            self_attn_mask: (Q, Q) bool, True where query i may not attend to query j; None: all attend.
 
         Returns:
             hs (n_layers, B, Q, D) and references (n_layers, B, Q, 2 or 4): the reference each layer's
-            output refines, i.e. the input of the next layer (detached).
+            output refines, i.e. the input of the next layer (detached; with `look_forward_twice` the same
+            values still attached to the layer that refined them, while the next layer's input stays detached).
         """
         output = tgt
         intermediate, intermediate_refs = [], []
@@ -126,7 +137,9 @@ class DeformableTransformerDecoder(nn.Module):
                 src_spatial_shapes,
                 src_level_start_index,
                 src_padding_mask,
+                self_attn_mask,
             )
+            refined = reference_points
             if self.bbox_embed is not None:
                 # Iterative refinement: layer d's head refines layer d-1's box in logit space. The gradient
                 # stops at the previous box (detach), as in the paper, to stabilise training.
@@ -138,8 +151,10 @@ class DeformableTransformerDecoder(nn.Module):
                         [delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1
                     ).sigmoid()
                 reference_points = new_reference_points.detach()
+                # Look forward twice: layer d+1's box loss also trains layer d's refinement through this box.
+                refined = new_reference_points if self.look_forward_twice else reference_points
             intermediate.append(output)
-            intermediate_refs.append(reference_points)
+            intermediate_refs.append(refined)
         return torch.stack(intermediate), torch.stack(intermediate_refs)
 
 
@@ -185,6 +200,8 @@ class DeformableTransformer(nn.Module):
         num_queries: the decoder's queries; in two-stage mode, the encoder proposals kept.
         proposal_nms: two-stage only: keep proposals whose IoU with a better-scoring kept one is at most this
             (greedy, class-agnostic, over the 4 * num_queries best); 0 keeps the plain top-k (the paper's).
+        mixed_query_selection: two-stage only: the positional queries come from the proposals, the content
+            queries are learned embeddings given to forward (DINO's mixed query selection), not from the proposals.
         msda_backend: backend of every MSDeformAttn (None: environment's choice).
         checkpoint_encoder: activation checkpointing of the encoder layers.
     """
@@ -204,12 +221,16 @@ class DeformableTransformer(nn.Module):
         two_stage: bool = False,
         num_queries: int = 300,
         proposal_nms: float = 0.0,
+        mixed_query_selection: bool = False,
         msda_backend: str | None = None,
         checkpoint_encoder: bool = False,
     ) -> None:
         super().__init__()
+        if mixed_query_selection and not two_stage:
+            raise ValueError("mixed query selection mixes learned content queries into two-stage: it needs two_stage")
         self.d_model, self.nheads = d_model, nheads
         self.two_stage, self.num_queries, self.proposal_nms = two_stage, num_queries, proposal_nms
+        self.mixed_query_selection = mixed_query_selection
         sizes = {"d_model": d_model, "dim_feedforward": dim_feedforward, "dropout": dropout, "nheads": nheads}
         enc_layer = DeformableTransformerEncoderLayer(
             **sizes, num_feature_levels=num_feature_levels, n_points=enc_n_points, msda_backend=msda_backend
@@ -304,20 +325,25 @@ class DeformableTransformer(nn.Module):
         masks: list[torch.Tensor],
         pos_embeds: list[torch.Tensor],
         query_embed: torch.Tensor | None = None,
+        num_one_to_many: int = 0,
     ) -> tuple[torch.Tensor, ...]:
         """
         Args:
             srcs: L maps (B, D, H_l, W_l); masks: L masks (B, H_l, W_l) True at padding;
             pos_embeds: L position encodings (B, D, H_l, W_l).
-            query_embed: (Q, 2 * D) learned positional + content queries; None in two-stage mode.
+            query_embed: (Q, 2 * D) learned positional + content queries; None in two-stage mode; (Q', D) learned
+                content queries in two-stage mode with mixed query selection (Q' >= the queries decoded).
+            num_one_to_many: T, the last queries that form hybrid matching's one-to-many group (0: none), masked
+                from the others in self-attention. Two-stage takes them from the proposals after the first
+                num_queries, as many as the maps hold beyond those; single-stage from the last T rows of query_embed.
 
         Returns:
             hs (n_dec, B, Q, D); init_reference (B, Q, 2) or (B, Q, 4) in two-stage; inter_references
             (n_dec, B, Q, 2 or 4); enc_outputs_class (B, S, K) and enc_outputs_coord_unact (B, S, 4) in
-            two-stage mode, else None and None.
+            two-stage mode, else None and None. Q = num_queries + the one-to-many queries decoded.
         """
-        if not self.two_stage and query_embed is None:
-            raise ValueError("DeformableTransformer: query_embed is required unless two_stage")
+        if (not self.two_stage or self.mixed_query_selection) and query_embed is None:
+            raise ValueError("DeformableTransformer: query_embed is required unless two_stage (without mixed queries)")
         src_flatten, mask_flatten, lvl_pos_embed_flatten, shapes = [], [], [], []
         for lvl, (src, mask, pos_embed) in enumerate(zip(srcs, masks, pos_embeds, strict=True)):
             shapes.append(src.shape[-2:])
@@ -366,24 +392,43 @@ class DeformableTransformer(nn.Module):
             # of their zeroed memory, so padding could change which proposals an image gets; trained models
             # score them low, so released checkpoints give the same detections.
             scores = enc_outputs_class[..., 0].masked_fill(torch.isinf(output_proposals).any(-1), float("-inf"))
+            if num_one_to_many:  # the one-to-many group: the best proposals after the first k, as many as there are
+                num_one_to_many = min(num_one_to_many, S - k)
             if self.proposal_nms > 0:
                 topk_proposals = distinct_proposals(scores, enc_outputs_coord_unact.detach(), k, self.proposal_nms)
+                if num_one_to_many:
+                    ranked = torch.topk(scores, k + num_one_to_many, dim=1)[1]
+                    topk_proposals = torch.cat([topk_proposals, ranked[:, k:]], 1)
             else:
-                topk_proposals = torch.topk(scores, k, dim=1)[1]  # (B, Q)
+                topk_proposals = torch.topk(scores, k + num_one_to_many, dim=1)[1]  # (B, Q)
             topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1, topk_proposals[..., None].expand(-1, -1, 4))
             topk_coords_unact = topk_coords_unact.detach()  # proposals are inputs of the second stage, not outputs
             reference_points = topk_coords_unact.sigmoid()  # (B, Q, 4)
             pos_trans_out = self.pos_trans_norm(self.pos_trans(self.get_proposal_pos_embed(topk_coords_unact)))
             query_pos, tgt = torch.split(pos_trans_out, D, dim=2)
+            if self.mixed_query_selection:
+                # Where to look comes from the proposals, what to look for is learned: DINO's mixed selection.
+                tgt = query_embed[: k + num_one_to_many][None].expand(B, -1, -1)  # (B, Q, D)
         else:
             query_pos, tgt = torch.split(query_embed, D, dim=1)
             query_pos = query_pos[None].expand(B, -1, -1)  # (B, Q, D)
             tgt = tgt[None].expand(B, -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()  # (B, Q, 2)
         init_reference = reference_points
+        self_attn_mask = None
+        if num_one_to_many:  # hybrid matching: the two groups do not see each other
+            self_attn_mask = group_attention_mask(tgt.shape[1] - num_one_to_many, num_one_to_many, tgt.device)
 
         hs, inter_references = self.decoder(
-            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_pos, mask_flatten
+            tgt,
+            reference_points,
+            memory,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            query_pos,
+            mask_flatten,
+            self_attn_mask,
         )
         return hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact
 
@@ -403,6 +448,7 @@ def build_deformable_transformer(m: ModelConfig) -> DeformableTransformer:
         two_stage=m.two_stage,
         num_queries=m.num_queries,
         proposal_nms=m.proposal_nms,
+        mixed_query_selection=m.mixed_query_selection,
         msda_backend=m.msda_backend,
         checkpoint_encoder=m.checkpoint_encoder,
     )

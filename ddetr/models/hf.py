@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ddetr import io
-from ddetr.config import ModelConfig
+from ddetr.config import ConfigError, ModelConfig
 from ddetr.models.build import build_detector
 from ddetr.models.deformable_detr import DeformableDETR
 
@@ -227,8 +227,14 @@ def hf_config(m: ModelConfig, id2label: dict[int, str]) -> dict:
     """The config.json of a `DeformableDetrForObjectDetection` equivalent to `m` (transformers 5.x fields).
 
     Raises:
-        ValueError: DC5 with ResNet-18/34, which timm builds differently; a group-norm backbone; proposal NMS.
+        ValueError: DC5 with ResNet-18/34, which timm builds differently; a group-norm backbone; proposal NMS;
+            mixed query selection.
     """
+    if m.mixed_query_selection:  # a ConfigError: `ddetr export` prints it as one line
+        raise ConfigError(
+            "cannot export model.mixed_query_selection=true: the Hugging Face model takes two-stage content queries "
+            "from the proposals and has no learned ones (export it as ONNX, or serve the checkpoint itself)"
+        )
     if m.proposal_nms:
         raise ValueError(
             f"cannot export model.proposal_nms={m.proposal_nms}: the Hugging Face model keeps the plain top-k of the "

@@ -29,6 +29,7 @@ from ddetr.models.checkpoint import (
     STATE_FILE,
     config_from_official_args,
     read_checkpoint,
+    shipped_state_dict,
     state_file,
 )
 from ddetr.models.deformable_detr import DeformableDETR
@@ -51,6 +52,7 @@ ARCHITECTURE_FIELDS = (
     "num_queries",
     "with_box_refine",
     "two_stage",
+    "mixed_query_selection",  # learned content queries: a query_embed the other two-stage model lacks
     "backbone_norm",  # frozen batch norm holds buffers where group norm holds parameters
 )
 # The 80 COCO categories by id (ids 0, 12, 26, 29, 30, 45, 66, 68, 69, 71 and 83 are unused): the rows of the
@@ -120,8 +122,8 @@ def read_weights(source: str | os.PathLike) -> WeightsSource:
         run = Config.from_dict(payload["config"])
         categories = payload.get("categories")
         names = {int(c["id"]): str(c["name"]) for c in categories} if categories else None
-        # With an EMA the average is the model to deploy and to fine-tune from.
-        state = payload["ema"]["module"] if payload.get("ema") else payload["model"]
+        # With an EMA the average is the model to deploy and to fine-tune from; training-only parameters are left out.
+        state = shipped_state_dict(payload["ema"]["module"] if payload.get("ema") else payload["model"])
         return WeightsSource(os.fspath(path), "ddetr", state, run.model, names, run)
     args = payload.get("args")
     m = config_from_official_args(args) if args is not None else None
@@ -184,7 +186,7 @@ def init_from(model: DeformableDETR, source: str, cfg: ModelConfig, categories: 
                 f"model.init_from={source} is a different variant from the config: " + "; ".join(differences)
                 + " (set these in the config, e.g. pick the matching --preset, or choose another checkpoint)"
             )  # fmt: skip
-    own = model.state_dict()
+    own = shipped_state_dict(model.state_dict())  # hybrid matching's one-to-many queries start afresh
     state = src.state
     heads = [k for k in own if k.startswith(CLASS_HEAD_PREFIXES)]
     body = {k: v for k, v in state.items() if not k.startswith(CLASS_HEAD_PREFIXES)}
@@ -197,7 +199,7 @@ def init_from(model: DeformableDETR, source: str, cfg: ModelConfig, categories: 
             f"{unexpected[:10]}, shape mismatches {mismatched[:10]}"
         )
     result = model.load_state_dict(body, strict=False)
-    assert not result.unexpected_keys and set(result.missing_keys) <= set(heads)
+    assert not result.unexpected_keys and all(k in heads or k not in own for k in result.missing_keys)
 
     source_classes = state["class_embed.0.bias"].shape[0]
     num_classes = own["class_embed.0.bias"].shape[0]
