@@ -172,7 +172,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if not args.images or not args.annotations or args.source:
             raise ConfigError("ddetr data convert: a COCO split takes --images DIR and --annotations FILE.json "
                               "(a YOLO or VOC folder: --format yolo|voc --source DIR)")  # fmt: skip
-        print(convert_coco(args.images, args.annotations, args.out, strict=args.strict, shard_size=args.shard_size))
+        print(convert_coco(args.images, args.annotations, args.out, strict=args.strict, shard_size=args.shard_size,
+                           workers=args.workers))  # fmt: skip
         return 0
     if not args.source or args.images or args.annotations:
         raise ConfigError(f"ddetr data convert --format {args.format} takes --source DIR, the dataset folder "
@@ -339,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="coco: the split folder; yolo/voc: a folder per split (path or URI)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     p.add_argument("--shard-size", type=int, default=500, help="images per shard")
+    p.add_argument("--workers", type=int, default=1, help="coco: processes writing shards (same shards, any number)")
     p.set_defaults(func=cmd_convert)
     p = data.add_parser("check", help="a split's boxes per class, image sizes, boxes per image and box sizes")
     p.add_argument("dir", help="a split folder (dataset.json), or a folder of splits: each of them")

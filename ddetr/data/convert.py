@@ -1,11 +1,16 @@
 """Convert a COCO detection split (image folder + instances json) into Parquet shards.
 
-The conversion streams: the annotation json is read once (it is the index), then images are read,
-checked and written one shard at a time, so memory holds one shard of encoded bytes at most. Each
+The conversion streams: the annotation json is read as a stream into a packed index (``coco_index.py``),
+then images are read, checked and written one shard at a time, so memory holds one shard of encoded
+bytes at most besides the index. Each
 shard goes to a hidden temporary name and is renamed into place; a rerun skips every shard that is
 already there with the same settings (the shard assignment is deterministic, see ``shards.py``),
 and recounts its skips from the record stored in the shard's footer. ``dataset.json`` is written
 last, so its presence means the split is complete.
+
+With ``workers`` > 1 the missing shards are written by that many processes, each writing whole shards
+from the images and annotations of its shard alone; the files are the same bytes as a serial
+conversion's, and memory is one shard per process besides the annotation index.
 
 Shards record images in their upright frame: a photo stored with an EXIF orientation is shown turned
 by the annotation tools that drew its boxes (CVAT, Label Studio, VIA), so its record's width/height
@@ -19,16 +24,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import posixpath
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ddetr.data.coco_index import PackedAnnotations, read_index
 from ddetr.data.shards import (
     ROW_GROUP_SIZE,
     ROW_SCHEMA,
@@ -39,6 +47,8 @@ from ddetr.data.shards import (
     write_metadata,
 )
 from ddetr.data.validate import (
+    BadRecordError,
+    Skip,
     SkipLog,
     check_annotations,
     check_categories,
@@ -99,6 +109,7 @@ def convert_coco(
     row_group_size: int = ROW_GROUP_SIZE,
     coco: dict[str, Any] | None = None,
     skips: SkipLog | None = None,
+    workers: int = 1,
 ) -> ConvertSummary:
     """Convert one COCO split into Parquet shards under ``out``.
 
@@ -115,6 +126,8 @@ def convert_coco(
         coco: the annotations as an in-memory COCO dict (``yolo.py`` and ``voc.py`` build one), instead of
             reading ``annotations``, which then only names their source in messages and the metadata.
         skips: the log that already counts the skips of building ``coco``, to continue it (else a new one).
+        workers: processes writing shards (1: this one); each reads with ``num_threads`` threads. The shards
+            are the same bytes whatever the number.
     Returns:
         a ``ConvertSummary`` (also logged).
     """
@@ -122,41 +135,51 @@ def convert_coco(
     skips = skips if skips is not None else SkipLog(strict=strict)
     # What makes an existing shard reusable: the same annotation content (file or dict) and the same chunking.
     sha1 = _fingerprint(annotations) if coco is None else hashlib.sha1(json.dumps(coco).encode()).hexdigest()
-    coco = _read_json(annotations) if coco is None else coco
-    categories = check_categories(coco.get("categories"), skips, annotations)
-    records = check_images(coco.get("images"), skips, annotations)
-    anns, clipped = check_annotations(
-        coco.get("annotations"), records, {c["id"] for c in categories}, skips, annotations
-    )
-    del coco
+    anns: PackedAnnotations | dict[int, list[dict[str, Any]]]
+    if coco is None:  # a file: streamed and packed, so memory does not grow with the whole json (coco_index.py)
+        categories, records, anns, clipped = read_index(annotations, skips)
+    else:
+        categories = check_categories(coco.get("categories"), skips, annotations)
+        records = check_images(coco.get("images"), skips, annotations)
+        anns, clipped = check_annotations(
+            coco.get("annotations"), records, {c["id"] for c in categories}, skips, annotations
+        )
+        del coco
     ids = sorted(records)
     chunks = [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
     key = {"annotations_sha1": sha1, "shard_size": shard_size}
 
     out_fs, out_root = resolve(out)
     out_fs.create_dir(out_root, recursive=True)
-    img_fs, img_root = resolve(images)
-    shards: list[ShardInfo] = []
-    written = 0
+    footers: dict[int, dict[str, Any]] = {}  # shard index -> the record in its footer
+    missing: dict[int, list[int]] = {}  # shard index -> the image ids it is to hold
+    for k, chunk in enumerate(chunks):
+        path = posixpath.join(out_root, shard_file(k))
+        footer = read_shard_footer(out_fs, path) if exists(path, out_fs) else None
+        if footer is not None and footer.get("key") != key:
+            raise ValueError(
+                f"{out}: {shard_file(k)} was written from other annotations or another shard size "
+                f"({footer.get('key')} != {key}); convert into an empty directory"
+            )
+        if footer is None:
+            missing[k] = chunk
+        else:
+            footers[k] = footer
     bar = _Progress(len(chunks), enabled=progress)
-    with ThreadPoolExecutor(num_threads) as pool:
-        for k, chunk in enumerate(chunks):
-            path = posixpath.join(out_root, shard_file(k))
-            footer = read_shard_footer(out_fs, path) if exists(path, out_fs) else None
-            if footer is not None and footer.get("key") != key:
-                raise ValueError(
-                    f"{out}: {shard_file(k)} was written from other annotations or another shard size "
-                    f"({footer.get('key')} != {key}); convert into an empty directory"
-                )
-            if footer is None:
-                footer = _write_shard(
-                    out_fs, path, k, chunk, records, anns, img_fs, img_root, pool, strict, key, row_group_size
-                )
-                written += 1
-            skips.merge(footer["skips"], footer["examples"])
-            shards.append(ShardInfo(shard_file(k), footer["num_rows"], footer["num_annotations"]))
-            bar.update(k + 1, sum(s.num_rows for s in shards))
+    bar.update(len(footers), sum(f["num_rows"] for f in footers.values()))
+    jobs = [
+        ShardJob(out, posixpath.join(out_root, shard_file(k)), k, chunk, images, strict, key, row_group_size)
+        for k, chunk in missing.items()
+    ]
+    write = _write_serial if workers <= 1 or len(jobs) <= 1 else _write_parallel
+    for k, footer in write(jobs, records, anns, num_threads, workers):
+        footers[k] = footer
+        bar.update(len(footers), sum(f["num_rows"] for f in footers.values()))
     bar.close()
+    shards: list[ShardInfo] = []
+    for k in range(len(chunks)):  # in shard order, whatever order they were written in: the same summary
+        skips.merge(footers[k]["skips"], footers[k]["examples"])
+        shards.append(ShardInfo(shard_file(k), footers[k]["num_rows"], footers[k]["num_annotations"]))
 
     meta = ShardMetadata(
         split=split or posixpath.basename(out.rstrip("/")),
@@ -174,8 +197,8 @@ def convert_coco(
         num_images=meta.num_images,
         num_annotations=meta.num_annotations,
         num_shards=len(shards),
-        shards_written=written,
-        shards_resumed=len(shards) - written,
+        shards_written=len(missing),
+        shards_resumed=len(shards) - len(missing),
         boxes_clipped=clipped,
         skips=dict(skips.counts),
         examples=[asdict(e) for e in skips.examples],
@@ -185,13 +208,102 @@ def convert_coco(
     return summary
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to write: where (``path`` inside ``out``'s file system), which images, with which settings."""
+
+    out: str
+    path: str
+    index: int
+    ids: list[int]
+    images: str
+    strict: bool
+    key: dict[str, Any]
+    row_group_size: int
+
+
+def _write_serial(
+    jobs: list[ShardJob],
+    records: dict[int, dict[str, Any]],
+    anns: Any,  # image id -> its annotations: a dict, or PackedAnnotations
+    num_threads: int,
+    workers: int,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(shard index, footer) of each job, written one after the other in this process."""
+    if not jobs:
+        return
+    out_fs, _ = resolve(jobs[0].out)
+    img_fs, img_root = resolve(jobs[0].images)
+    with ThreadPoolExecutor(num_threads) as pool:
+        for j in jobs:
+            footer = _write_shard(
+                out_fs, j.path, j.index, j.ids, records, anns, img_fs, img_root, pool, j.strict, j.key, j.row_group_size
+            )
+            yield j.index, footer
+
+
+def _write_parallel(
+    jobs: list[ShardJob],
+    records: dict[int, dict[str, Any]],
+    anns: Any,  # image id -> its annotations: a dict, or PackedAnnotations
+    num_threads: int,
+    workers: int,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(shard index, footer) of each job as the `workers` processes finish them.
+
+    Each process is sent its shard's own records and annotations, not the whole index, and at most two shards
+    per process are queued, so memory stays one shard per process. Spawned, not forked: the parent may hold
+    threads (Ray, pyarrow's pools) that a forked child would inherit in whatever state they were.
+    """
+    pending: dict[Future, int] = {}
+    queue = iter(jobs)
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            while True:
+                while len(pending) < 2 * workers and (job := next(queue, None)) is not None:
+                    own_records = {i: records[i] for i in job.ids}
+                    own_anns = {i: anns[i] for i in job.ids if i in anns}
+                    pending[pool.submit(_shard_process, job, own_records, own_anns, num_threads)] = job.index
+                if not pending:
+                    return
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index = pending.pop(future)
+                    footer, bad = future.result()
+                    if bad is not None:  # strict mode: the record that stopped it, as serial conversion raises it
+                        raise BadRecordError(Skip(**bad))
+                    yield index, footer
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+
+
+def _shard_process(
+    job: ShardJob, records: dict[int, dict[str, Any]], anns: dict[int, list[dict[str, Any]]], num_threads: int
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """`_write_shard` in a worker process: (footer, None), or (None, the bad record) in strict mode (a
+    BadRecordError is rebuilt by the parent: it does not pickle)."""
+    out_fs, _ = resolve(job.out)
+    img_fs, img_root = resolve(job.images)
+    with ThreadPoolExecutor(num_threads) as pool:
+        try:
+            footer = _write_shard(
+                out_fs, job.path, job.index, job.ids, records, anns, img_fs, img_root, pool, job.strict, job.key,
+                job.row_group_size,
+            )  # fmt: skip
+        except BadRecordError as err:
+            return None, asdict(err.skip)
+    return footer, None
+
+
 def _write_shard(
     out_fs: Any,
     path: str,
     index: int,
     ids: list[int],
     records: dict[int, dict[str, Any]],
-    anns: dict[int, list[dict[str, Any]]],
+    anns: Any,  # image id -> its annotations: a dict, or PackedAnnotations
     img_fs: Any,
     img_root: str,
     pool: ThreadPoolExecutor,
@@ -252,15 +364,6 @@ def _write_shard(
             table, f, row_group_size=row_group_size, compression="none", write_statistics=False, use_dictionary=False
         )
     return footer
-
-
-def _read_json(uri: str) -> dict[str, Any]:
-    fs, path = resolve(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"annotation file {uri} not found") from err
 
 
 def _fingerprint(uri: str) -> str:
