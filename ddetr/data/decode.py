@@ -100,8 +100,9 @@ def decode_image(data: bytes, orig_size: tuple[int, int], geo: Geometry) -> np.n
     dw, dh = img.size
     fx, fy = dw / w, dh / h
     out = img.resize((ow, oh), Image.BILINEAR, box=(x0 * fx, y0 * fy, x1 * fx, y1 * fy))
-    arr = np.asarray(out)
-    return np.ascontiguousarray(arr[:, ::-1]) if geo.flip else arr
+    if geo.flip:  # PIL's transposition: the same pixels as numpy's [:, ::-1] copy, in a sixth of the time
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
 
 
 def decode_example(row: dict[str, Any], cfg: TransformConfig, train: bool, seed: int, epoch: int) -> dict[str, Any]:
@@ -310,10 +311,24 @@ def try_decode_example(
         return None
 
 
+def _binary_column(arrays: list[np.ndarray]) -> pa.Array:
+    """uint8 arrays as one Arrow binary array, their bytes copied once (``tobytes`` and then ``pa.array`` of the
+    bytes objects copied every image twice)."""
+    sizes = np.fromiter((a.nbytes for a in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    if offsets[-1] >= 2**31:  # binary's int32 offsets
+        raise ValueError(f"{len(arrays)} decoded images hold {offsets[-1]} bytes, over 2 GiB: lower decode_batch_size")
+    data = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.empty(0, np.uint8)
+    return pa.Array.from_buffers(
+        pa.binary(), len(arrays), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
+    )
+
+
 def examples_to_table(examples: list[dict[str, Any]]) -> pa.Table:
     """``decode_example`` dicts to a table of ``EXAMPLE_SCHEMA`` (``collate.collate_columns`` undoes it)."""
     columns = {
-        "image": [e["image"].tobytes() for e in examples],
+        "image": _binary_column([e["image"] for e in examples]),
         "height": [e["size"][0] for e in examples],
         "width": [e["size"][1] for e in examples],
         "boxes": [e["boxes"].reshape(-1) for e in examples],

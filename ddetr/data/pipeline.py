@@ -32,34 +32,36 @@ import logging
 import time
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 import ray.data
 from ray.data._internal.execution.execution_callback import ExecutionCallback
-from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.collate_fn import ArrowBatchCollateFn
 
-from ddetr.data.collate import collate_columns
+from ddetr.data.collate import collate_columns, table_columns
 from ddetr.data.decode import decode_rows
 from ddetr.data.order import epoch_order, rank_positions, read_groups
 from ddetr.data.shards import open_split
 from ddetr.data.transforms import TransformConfig
 
 
-class DetrCollateFn(NumpyBatchCollateFn):
+class DetrCollateFn(ArrowBatchCollateFn):
     """``iter_torch_batches(collate_fn=DetrCollateFn())``: decoded columns to the model batch.
 
     Returns the dict of ``collate.py`` (uint8 images, mask, targets). Ray hands it back unmoved (it
     holds a list of target dicts); move it with ``collate.batch_to(batch, device)``, which normalises
     the images there. ``pin_memory`` (for a CUDA trainer) pins images and mask, so that the copy to
-    the device overlaps the step; pair it with ``iter_torch_batches(prefetch_batches=...)``.
+    the device overlaps the step; pair it with ``iter_torch_batches(prefetch_batches=...)``. It takes the batch as
+    Arrow and reads the images in place (``collate.table_columns``).
     """
 
     def __init__(self, pin_memory: bool = False) -> None:
         super().__init__()
         self.pin_memory = pin_memory
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = collate_columns(batch)
+    def __call__(self, batch: pa.Table) -> dict[str, Any]:
+        out = collate_columns(table_columns(batch))
         if self.pin_memory:
             out["images"], out["mask"] = out["images"].pin_memory(), out["mask"].pin_memory()
         return out
@@ -115,6 +117,27 @@ def hide_starvation_notice() -> None:
         logger.addFilter(_HideStarvationNotice())
 
 
+def decoded_image_bytes(cfg: TransformConfig, train: bool) -> int:
+    """About how many bytes one decoded image of ``cfg`` holds: (H, W, 3) uint8 at the middle training scale (or the
+    validation size), the longer side 4/3 of the shorter (COCO's usual shape)."""
+    short = cfg.scales[len(cfg.scales) // 2] if train else cfg.val_size
+    return int(short * min(cfg.max_size, short * 4 / 3) * 3)
+
+
+def decode_task_cap(world_size: int) -> int:
+    """Decode tasks one rank's dataset may run at once: the cluster's CPUs shared among the ranks (at least 1).
+
+    Why a cap, when each task asks for ``num_cpus`` < 1: without one, Ray Data runs CPUs / num_cpus tasks, each in its
+    own worker process, more workers than the node's CPUs. Ray keeps that many idle workers for 1 s only
+    (``num_workers_soft_limit``, the node's CPUs by default) and starts new ones as tasks come back: on 2 CPUs at 0.5
+    CPU per task, an epoch of 200 COCO-sized images took 6 s instead of 2, most of it in starting workers (each import
+    of Ray and Arrow costs about a CPU-second) on the cores that decode. The tasks still ask for ``num_cpus``, so they
+    fit beside the training workers.
+    """
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, cpus // max(1, world_size))
+
+
 def build_ray_dataset(
     split_dir: str,
     cfg: TransformConfig,
@@ -129,6 +152,7 @@ def build_ray_dataset(
     decode_batch_size: int = 16,
     deal_size: int = 1,
     read_size: int = 64,
+    max_tasks: int | None = None,
     skip_unreadable: bool = False,
     filesystem: pafs.FileSystem | None = None,
 ) -> ray.data.Dataset:
@@ -139,7 +163,8 @@ def build_ray_dataset(
     ``train`` selects the training transform and the shuffled epoch order (validation: file order,
     the validation transform, and every image once across ranks). Build a new dataset per epoch.
     ``num_cpus`` is what each decode task asks of Ray; ``decode_batch_size`` the images per block;
-    ``read_size`` about how many images one task reads.
+    ``read_size`` about how many images one task reads; ``max_tasks`` how many decode tasks may run at once (default:
+    the cluster's CPUs shared among the ``world_size`` ranks, see ``decode_task_cap``).
 
     Each Ray Train worker builds its own dataset with its ``rank`` and ``world_size``: it gets exactly
     the images ``order.rank_positions`` deals it and reads only the row groups holding them. Pass the
@@ -167,6 +192,7 @@ def build_ray_dataset(
         batch_format="pyarrow",
         batch_size=1,  # one item per call: one task per item, it yields decoded batches as it goes
         num_cpus=num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=min(len(plan), max_tasks or decode_task_cap(world_size))),
         fn_kwargs={
             "uris": split.uris,
             "sizes": [f.size if f is not None else -1 for f in split.footers],
@@ -179,6 +205,11 @@ def build_ray_dataset(
         },
     )
     ds.context.execution_options.preserve_order = True
+    # Ray Data gathers what a task yields into blocks of `target_max_block_size` (128 MiB) before it hands any on:
+    # a task's decoded images (64 at ~1.6 MB at the paper's scale) reached the trainer only when the task ended,
+    # and the first batch of every epoch waited for whole tasks. A target of half a decoded chunk makes each chunk
+    # leave as it is decoded (split into blocks of about half a chunk; splitting is zero-copy).
+    ds.context.target_max_block_size = max(1, decode_batch_size * decoded_image_bytes(cfg, train) // 2)
     if IdleLoopThrottle not in ds.context.custom_execution_callback_classes:
         ds.context.custom_execution_callback_classes.append(IdleLoopThrottle)
     return ds
