@@ -114,3 +114,26 @@ def test_a_reused_run_name_in_a_bucket_with_another_model_is_refused(data, s3_di
     line = train_fails(["--preset", "tiny", "--data", data, f"train.storage_path={s3_dir}/runs", "train.name=reused"],
                        capsys)  # fmt: skip
     assert line.startswith(f"run {run} holds checkpoints of another model (") and "model.num_queries 10 -> 30" in line
+
+
+def test_continuing_with_another_number_of_learned_one_to_many_queries_is_refused(s3_dir):  # noqa: F811
+    """Hybrid matching's learned queries are part of the training state (single-stage): their number must match;
+    two-stage proposals playing them hold no parameters, so their number may change."""
+    from ddetr.config import ConfigError
+    from ddetr.train.checkpoints import check_continuation
+
+    def saved_run(name: str, overrides: list[str]) -> None:
+        run = f"{s3_dir}/runs/{name}"
+        cfg = apply_overrides(get_preset("tiny"), overrides)
+        checkpoint = io.join(run, checkpoint_name(4))
+        io.atomic_write(io.join(checkpoint, "state.pt"), b"weights")  # the check reads config.json only
+        io.atomic_write(io.join(checkpoint, "config.json"), cfg.to_json())
+        update_pointers(run, checkpoint_name(4), {"step": 4, "val/AP": 0.1})
+
+    base = [f"train.storage_path={s3_dir}/runs", "model.with_box_refine=true"]
+    saved_run("single", ["model.with_box_refine=true", "loss.one_to_many_queries=20"])
+    with pytest.raises(ConfigError, match=r"another model \(loss.one_to_many_queries 20 -> 0\)"):
+        check_continuation(apply_overrides(get_preset("tiny"), [*base, "train.name=single"]))
+    saved_run("two", ["model.with_box_refine=true", "model.two_stage=true", "loss.one_to_many_queries=20"])
+    cfg = apply_overrides(get_preset("tiny"), [*base, "model.two_stage=true", "train.name=two"])
+    assert check_continuation(cfg).endswith(checkpoint_name(4))

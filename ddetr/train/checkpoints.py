@@ -241,12 +241,19 @@ def check_continuation(cfg: Config) -> str | None:
         latest = str(intact) if intact is not None else None
     if latest is None or not io.exists(io.join(latest, CONFIG_FILE)):
         return latest
-    saved = Config.from_dict(json.loads(io.read_text(io.join(latest, CONFIG_FILE)))).model
+    saved_cfg = Config.from_dict(json.loads(io.read_text(io.join(latest, CONFIG_FILE))))
+    saved = saved_cfg.model
     differing = [
         f"model.{f.name} {getattr(saved, f.name)!r} -> {getattr(cfg.model, f.name)!r}"
         for f in dataclasses.fields(saved)
         if f.name not in NOT_ARCHITECTURE and getattr(saved, f.name) != getattr(cfg.model, f.name)
     ]
+    # Hybrid matching's one-to-many queries are parameters of the training state unless two-stage proposals
+    # (without mixed query selection) play them: their number is then part of the model that continues.
+    learned = not cfg.model.two_stage or cfg.model.mixed_query_selection
+    before, now = saved_cfg.loss.one_to_many_queries, cfg.loss.one_to_many_queries
+    if learned and before != now:
+        differing.append(f"loss.one_to_many_queries {before!r} -> {now!r}")
     if differing:
         raise ConfigError(
             f"run {run} holds checkpoints of another model ({', '.join(differing)}): choose another train.name "
