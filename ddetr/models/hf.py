@@ -184,7 +184,7 @@ def hf_config_to_model_config(config: dict, base: ModelConfig | None = None) -> 
     """A ModelConfig from a transformers `DeformableDetrConfig` dict.
 
     Raises:
-        ValueError: a feature we do not implement (another backbone family, learned position encoding,
+        ConfigError: a feature we do not implement (another backbone family, learned position encoding,
             encoder and decoder of different widths or heads).
     """
     backbone = config.get("backbone_config") or {}
@@ -200,7 +200,7 @@ def hf_config_to_model_config(config: dict, base: ModelConfig | None = None) -> 
     if config.get("dilation") and name.split(".")[0] in _BASIC_BLOCK:
         problems.append(f"dilation with {name} (timm dilates its basic blocks unlike torchvision)")
     if problems:
-        raise ValueError("Hugging Face config not supported by ddetr: " + "; ".join(problems))
+        raise ConfigError("Hugging Face config not supported by ddetr: " + "; ".join(problems))
     id2label = config.get("id2label") or {}
     return dataclasses.replace(
         base or ModelConfig(),
@@ -227,26 +227,26 @@ def hf_config(m: ModelConfig, id2label: dict[int, str]) -> dict:
     """The config.json of a `DeformableDetrForObjectDetection` equivalent to `m` (transformers 5.x fields).
 
     Raises:
-        ValueError: DC5 with ResNet-18/34, which timm builds differently; a group-norm backbone; proposal NMS;
-            mixed query selection.
+        ConfigError: DC5 with ResNet-18/34, which timm builds differently; a group-norm backbone; proposal NMS;
+            mixed query selection (one line on the command line).
     """
-    if m.mixed_query_selection:  # a ConfigError: `ddetr export` prints it as one line
+    if m.mixed_query_selection:
         raise ConfigError(
             "cannot export model.mixed_query_selection=true: the Hugging Face model takes two-stage content queries "
             "from the proposals and has no learned ones (export it as ONNX, or serve the checkpoint itself)"
         )
     if m.proposal_nms:
-        raise ValueError(
+        raise ConfigError(
             f"cannot export model.proposal_nms={m.proposal_nms}: the Hugging Face model keeps the plain top-k of the "
             "encoder's proposals, so its detections would differ"
         )
     if m.backbone_norm != "frozen_bn":
-        raise ValueError(
+        raise ConfigError(
             f"cannot export a backbone with model.backbone_norm={m.backbone_norm}: the Hugging Face model's timm "
             "ResNet uses (frozen) batch norm"
         )
     if m.dilation and m.backbone in _BASIC_BLOCK:
-        raise ValueError(
+        raise ConfigError(
             f"cannot export a DC5 {m.backbone}: timm's dilated basic blocks differ from ours (ResNet-50/101 export)"
         )
     stages = ["layer2", "layer3", "layer4"] if m.num_feature_levels > 1 else ["layer4"]
@@ -310,7 +310,7 @@ def write_hf(model: DeformableDETR, cfg: ModelConfig, folder: str | os.PathLike,
     from safetensors.torch import save
 
     if set(id2label) != set(range(cfg.num_classes)):
-        raise ValueError(f"id2label must name each of the {cfg.num_classes} classes 0..{cfg.num_classes - 1}")
+        raise ConfigError(f"id2label must name each of the {cfg.num_classes} classes 0..{cfg.num_classes - 1}")
     config = hf_config(cfg, id2label)
     folder = Path(folder)
     state = {k: v.cpu() for k, v in to_hf_state_dict(model, cfg).items()}
@@ -326,7 +326,7 @@ def read_hf(folder: str | os.PathLike) -> tuple[DeformableDETR, ModelConfig, dic
 
     Raises:
         FileNotFoundError: not a folder with config.json and model.safetensors.
-        ValueError: an architecture ddetr does not implement.
+        ConfigError: an architecture ddetr does not implement.
         RuntimeError: the weights do not fit the config (the message lists the keys).
     """
     from safetensors.torch import load_file
@@ -341,7 +341,7 @@ def read_hf(folder: str | os.PathLike) -> tuple[DeformableDETR, ModelConfig, dic
         config.get("model_type", "deformable_detr") != "deformable_detr"
         or "DeformableDetrForObjectDetection" not in arch
     ):
-        raise ValueError(f"{os.fspath(folder)!r} holds {arch}, not a DeformableDetrForObjectDetection")
+        raise ConfigError(f"{os.fspath(folder)!r} holds {arch}, not a DeformableDetrForObjectDetection")
     m = hf_config_to_model_config(config, ModelConfig(pretrained_backbone="imagenet"))
     model = build_detector(m, load_backbone_weights=False)
     state = from_hf_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)), m)
