@@ -201,6 +201,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
 
+    # Now: the code measured, whatever is committed while it runs.
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
     folders = {n: ensure_folder(args.data, n) for n in args.sizes}
     load_before = os.getloadavg()
     runs = []
@@ -214,7 +216,6 @@ def main() -> None:
         for n in args.sizes:
             shutil.rmtree(args.data / f"shards-{n}", ignore_errors=True)
     load_after = os.getloadavg()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
     report = {
         "machine": {
             "platform": platform.platform(),

@@ -263,6 +263,7 @@ def main() -> None:
     variants += [(f"ray-1w-{t}t", run_ray, (1, float(t))) for t in args.threads]
     if args.two_workers:
         variants.append(("ray-2w-1t", run_ray, (2, 1.0)))
+    commit = train_bench.git_commit()  # now: the code measured, whatever is committed while it runs
     with tempfile.TemporaryDirectory(prefix="ddetr-bench-") as tmp:
         data = make_synthetic_coco(tmp, args.images, 0, seed=0, image_size=tuple(args.image_size)).train_shards
         load_before = os.getloadavg()
@@ -289,7 +290,7 @@ def main() -> None:
             "loadavg_after": load_after,
         },
         "versions": {"torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version()},
-        "commit": train_bench.git_commit(),
+        "commit": commit,
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "out"}
         | {"preset": "tiny"},
         "runs": runs,
