@@ -29,18 +29,17 @@ those turns.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 import ray.data
-from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.collate_fn import ArrowBatchCollateFn
 
 from ddetr.data.collate import collate_columns, table_columns
 from ddetr.data.decode import decode_rows
+from ddetr.data.loop_throttle import IdleLoopThrottle
 from ddetr.data.order import epoch_order, rank_positions, read_groups
 from ddetr.data.shards import open_split
 from ddetr.data.transforms import TransformConfig
@@ -65,27 +64,6 @@ class DetrCollateFn(ArrowBatchCollateFn):
         if self.pin_memory:
             out["images"], out["mask"] = out["images"].pin_memory(), out["mask"].pin_memory()
         return out
-
-
-class IdleLoopThrottle(ExecutionCallback):
-    """Makes each turn of the scheduling loop last at least `min_turn_s`, sleeping out the rest.
-
-    A turn with a task running waits on it (`ray.wait`, up to 0.1 s, without the GIL); one without returns at
-    once, and the loop then spins on the GIL that the trainer needs for every op it launches (on a 2-CPU
-    machine, a tiny model's steps took 3-4x longer while the decoded epoch sat buffered). The cap delays the
-    loop's reaction to a consumed batch by at most `min_turn_s`; each turn still dispatches all it can.
-    """
-
-    min_turn_s = 0.025
-
-    def __init__(self) -> None:
-        self._last = time.perf_counter()
-
-    def on_execution_step(self, executor: Any) -> None:
-        rest = self.min_turn_s - (time.perf_counter() - self._last)
-        if rest > 0:
-            time.sleep(rest)
-        self._last = time.perf_counter()
 
 
 # Ray Data's notice when its first operator has not been able to reserve its minimum CPUs for 60 s: "Cluster
