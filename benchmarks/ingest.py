@@ -56,6 +56,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from coco_like import write_coco_like  # noqa: E402
+from ingest_paths import children  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "ingest-cpu.json"
@@ -77,17 +78,6 @@ def prepare(cache: Path, images: int, seed: int) -> tuple[Path, Path]:
         convert_coco(str(folder / "images"), str(folder / "annotations.json"), str(split), progress=False)
         print(f"converted to {split} in {time.perf_counter() - t:.0f} s", flush=True)
     return folder, split
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                kids += [int(k) for k in f.read().split()]
-    except OSError:  # ended meanwhile
-        pass
-    return kids
 
 
 def _kb(path: str, field: str) -> int:
@@ -117,7 +107,7 @@ class TreeMemory:
         while todo:
             pid = todo.pop()
             tree.append(pid)
-            todo += _children(pid)
+            todo += children(pid)
         return tree
 
     def _run(self) -> None:

@@ -1,4 +1,4 @@
-"""One pipeline of the ingest benchmark (``ingest.py``) in its own process: one epoch, timed; prints ``RESULT {json}``.
+"""One pipeline of the ingest benchmark (``ingest.py``) in its own process: two epochs, timed; prints ``RESULT {json}``.
 
     python benchmarks/ingest_paths.py ray_data|dataloader|official FOLDER SPLIT --cpus N [--batch-size 4 ...]
 
@@ -30,7 +30,8 @@ def paper_transforms() -> Any:
     return TransformConfig.for_training(get_preset("deformable_detr").data)
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The pids of ``pid``'s children (Linux ``/proc/PID/task/*/children``); [] once it has ended."""
     kids = []
     try:
         for task in os.listdir(f"/proc/{pid}/task"):
@@ -43,11 +44,13 @@ def _children(pid: int) -> list[int]:
 
 def tree_cpu_s() -> float:
     """CPU seconds (user + system) this process and its descendants have used, those that ended included: each
-    live process's own time and its reaped children's (Linux ``/proc/PID/stat`` fields 14-17)."""
+    live process's own time and its reaped children's (Linux ``/proc/PID/stat`` fields 14-17). A process that ends
+    without a process of the tree reaping it is missed (workers Ray stops while others reap them, say): a figure to
+    trust where the processes live through the epoch."""
     ticks, todo, total = os.sysconf("SC_CLK_TCK"), [os.getpid()], 0
     while todo:
         pid = todo.pop()
-        todo += _children(pid)
+        todo += children(pid)
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
