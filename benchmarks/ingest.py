@@ -244,6 +244,7 @@ def main() -> None:
     if len(cores) < args.cpus:
         p.error(f"--cpus {args.cpus}: this process may run on {len(cores)} cores only")
     folder, split = prepare(args.cache, args.images, args.seed)
+    measured = machine()  # the commit measured is the one checked out at the start
     load_before = os.getloadavg()
     runs: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
     for repeat in range(args.repeats):
@@ -262,7 +263,7 @@ def main() -> None:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
     result = {
         "benchmark": "ingest",
-        "machine": machine(),
+        "machine": measured,
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
         "settings": {**settings, "cores": cores, "augmentation": "deformable_detr preset (paper)"},
         "paths": summary,
