@@ -69,6 +69,18 @@ def test_the_readme_is_short():
     assert len(lines) <= 250, f"README.md has {len(lines)} lines: move detail into a docs/ page"
 
 
+def test_the_performance_table_is_what_the_committed_json_renders():
+    """The README's numbers come from `benchmarks/results/*.json` through `benchmarks/summary.py`, never by hand."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("summary", ROOT / "benchmarks" / "summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    table = summary.render()
+    assert "| Ray Data / official |" in table and "| `ddetr data convert`, images/s (one process) |" in table
+    assert summary.readme_block(README.read_text()) == table, "run: python benchmarks/summary.py --write"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_command_parses_and_its_overrides_apply(page: Path):
     shown = commands(page.read_text())
