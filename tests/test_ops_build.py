@@ -76,7 +76,7 @@ def test_choice_is_logged_once(fresh_dispatch, caplog):
         for _ in range(3):
             fresh_dispatch.select_backend("auto", CPU)
     assert [r.getMessage() for r in caplog.records].count(
-        "ddetr.ops: multi-scale deformable attention on cpu uses cpp (asked: auto)"
+        "multi-scale deformable attention on cpu uses cpp (asked: auto)"
     ) == 1
 
 

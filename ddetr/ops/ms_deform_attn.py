@@ -116,9 +116,7 @@ def select_backend(backend: str | None, device: torch.device) -> str:
     key = (choice, device.type, resolved)
     if key not in _logged and not torch.compiler.is_compiling():
         _logged.add(key)
-        logger.info(
-            "ddetr.ops: multi-scale deformable attention on %s uses %s (asked: %s)", device.type, resolved, choice
-        )
+        logger.info("multi-scale deformable attention on %s uses %s (asked: %s)", device.type, resolved, choice)
     return resolved
 
 
