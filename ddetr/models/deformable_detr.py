@@ -11,7 +11,8 @@ from torch import nn
 
 from ddetr.models import box_ops
 from ddetr.models.backbone import Joiner
-from ddetr.models.deformable_transformer import DeformableTransformer, inverse_sigmoid
+from ddetr.models.deformable_decoder import inverse_sigmoid
+from ddetr.models.deformable_transformer import DeformableTransformer
 from ddetr.models.hybrid import OneToManyQueries
 
 
