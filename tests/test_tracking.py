@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -104,13 +105,15 @@ def wandb_records(path: Path) -> list[bytes]:
     """The records of a W&B run file: a 7-byte header (":W&B", magic, version), then LevelDB's log format: 32 KiB
     blocks of chunks, each with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
     data = path.read_bytes()
-    assert data[:4] == b":W&B"
+    assert data[:4] == b":W&B"[: len(data)]
     records, partial, at, block = [], b"", 7, 32 * 1024
     while at + 7 <= len(data):
         if block - at % block < 7:  # a block's tail too short for a header is padding
             at += block - at % block
             continue
         _, length, kind = struct.unpack("<IHB", data[at : at + 7])
+        if at + 7 + length > len(data):  # a chunk still being written
+            break
         partial += data[at + 7 : at + 7 + length]
         at += 7 + length
         if kind in (1, 4):
@@ -133,10 +136,21 @@ def test_wandb_offline_run_holds_the_config_metrics_and_best_checkpoint(tmp_path
     tracker.close(finished=True)
 
     (record_file,) = run_dir.glob(f"wandb/offline-run-*-{tracker.run_id}/run-{tracker.run_id}.wandb")
+    # W&B's service writes the file behind finish() (on a loaded machine it was once read without its run record):
+    # read it once it holds the run's exit record.
+    deadline = time.monotonic() + 60
+    while True:
+        records = []
+        for raw in wandb_records(record_file):
+            records.append(wandb_internal_pb2.Record())
+            records[-1].ParseFromString(raw)
+        kinds = [r.WhichOneof("record_type") for r in records]
+        if "exit" in kinds:
+            break
+        assert time.monotonic() < deadline, f"no exit record in {record_file} after 60 s, only {kinds}"
+        time.sleep(0.2)
     history, config, summary, names = {}, {}, {}, []
-    for raw in wandb_records(record_file):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             names.append((record.run.project, record.run.display_name))
@@ -148,7 +162,7 @@ def test_wandb_offline_run_holds_the_config_metrics_and_best_checkpoint(tmp_path
             config.update({i.key: json.loads(i.value_json) for i in record.config.update})
         elif kind == "summary":
             summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update})
-    assert names[0] == ("ddetr", "tracked")
+    assert names and names[0] == ("ddetr", "tracked"), kinds
     assert history[1]["loss"] == 2.5 and history[2]["val/AP"] == 0.25
     assert config["model"]["num_queries"] == cfg.model.num_queries and config["train"]["tracker"] == "wandb"
     assert summary["best_checkpoint"] == str(run_dir / checkpoint_name(2))
