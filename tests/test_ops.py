@@ -22,14 +22,35 @@ CONFIGS = [
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
-def make_inputs(N, shapes, Lq, M, P, D, dtype=torch.float64, device="cpu", spread=0.25):
-    """Random op inputs; locations span [-spread, 1 + spread] so some points fall partly or wholly outside."""
+def on_dyadic_grid(locations):
+    """`locations` rounded to the nearest multiple of 2**-12, in their own dtype (and exactly so).
+
+    Why: a kernel computes the pixel coordinate h = y * H - 0.5 (and w) in its coordinate dtype, the float64
+    reference exactly. Where the exact h lies within half an fp32 ulp below an integer, fp32 rounds it onto the
+    integer, the kernel's floor(h) picks the next cell, and grad_loc takes the other one-sided slope of the bilinear
+    interpolation: an error of about attn * H * |second difference of value|, far beyond any tolerance. Uniform
+    random fp32 locations hit that tens of times at encoder sizes. For y = k * 2**-12, y * H = k * H * 2**-12 and h
+    are exact in fp32 while |y| * H < 2**12 (every level up to 2048 pixels a side for y in [-0.25, 1.25]), with one
+    rounding (FMA) or two, so the kernel and the reference take the same cell; points landing exactly on pixel
+    centres or on h = -1 are then computed identically on both sides too.
+    """
+    return (locations * 2**12).round() / 2**12
+
+
+def make_inputs(N, shapes, Lq, M, P, D, dtype=torch.float64, device="cpu", spread=0.25, on_grid=False):
+    """Random op inputs; locations span [-spread, 1 + spread] so some points fall partly or wholly outside.
+
+    on_grid: put the locations on the 2**-12 grid (`on_dyadic_grid`), for fp32 kernels compared with a float64
+    reference (not for gradcheck: the grid puts points exactly on pixel centres, where grad_loc has a kink).
+    """
     spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=device)
     sizes = spatial_shapes.prod(1)
     level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
     S, L = int(sizes.sum()), len(shapes)
     value = torch.randn(N, S, M, D, dtype=dtype, device=device)
     locations = torch.rand(N, Lq, M, L, P, 2, dtype=dtype, device=device) * (1 + 2 * spread) - spread
+    if on_grid:
+        locations = on_dyadic_grid(locations)
     weights = torch.rand(N, Lq, M, L * P, dtype=dtype, device=device).softmax(-1).view(N, Lq, M, L, P)
     return value, spatial_shapes, level_start_index, locations, weights
 
@@ -123,6 +144,71 @@ def test_cpu_kernel_vectorised_path_matches_reference(config):
     for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected, strict=True):
         assert a.dtype == torch.float32, name
         assert_close_scaled(a, e, TOLERANCE[torch.float32], name)
+
+
+def test_dyadic_grid_makes_pixel_coordinates_exact_in_float32():
+    """Every grid point in [-0.25, 1.25] on every level size up to 2048: h = y * H - 0.5 in fp32, rounded once
+    (an FMA, as nvcc compiles it) or twice, equals the exact value; off the grid, fp32 moves some h into another
+    cell (the premise of `on_dyadic_grid`)."""
+    y = on_dyadic_grid(torch.arange(-0.25, 1.25 + 2**-12, 2**-12, dtype=torch.float64))
+    assert y.unique().numel() == y.numel() == 3 * 2**11 + 1
+    for H in torch.arange(1, 2049, dtype=torch.float64).split(256):
+        exact = y[:, None] * H - 0.5  # float64: exact for 13 + 11 significant bits
+        two_roundings = y.float()[:, None] * H.float() - 0.5  # torch's CPU elementwise ops do not fuse
+        assert torch.equal(exact.float().double(), exact)  # representable, so the one rounding of an FMA is exact
+        assert torch.equal(two_roundings.double(), exact)
+    near_centres = ((torch.arange(167, dtype=torch.float64) + 0.5) / 167).float()  # nearest fp32 to pixel centres
+    h32, h64 = near_centres * 167 - 0.5, near_centres.double() * 167 - 0.5
+    assert (h32.floor().double() != h64.floor()).any()
+    on_grid = on_dyadic_grid(near_centres)
+    assert torch.equal((on_grid * 167 - 0.5).double(), on_grid.double() * 167 - 0.5)
+
+
+def _cell_flip_inputs(H=100, W=100, D=8):
+    """One level, one point per query, at the fp32 numbers nearest to pixel centres (in y) whose fp32 h falls in
+    another cell than the exact h; x off pixel centres. float32, and the same numbers in float64."""
+    y = ((torch.arange(H, dtype=torch.float64) + 0.5) / H).float()
+    y = y[(y * H - 0.5).floor().double() != (y.double() * H - 0.5).floor()]
+    Lq = len(y)
+    value, shapes, starts, _, weights = make_inputs(1, [(H, W)], Lq, 1, 1, D, dtype=torch.float32)
+    x = torch.full_like(y, 0.3137)
+    locations = torch.stack([x, y], -1).view(1, Lq, 1, 1, 1, 2)
+    return [value, shapes, starts, locations, weights]
+
+
+def test_dyadic_grid_keeps_the_cpu_kernel_in_the_reference_cell():
+    """The failure `on_dyadic_grid` prevents, shown with the CPU kernel (which shares its coordinate math with the
+    CUDA kernel): fp32 grad_loc is far off the float64 reference at points whose fp32 h changes cell, and within
+    the GPU tests' fp32 tolerance once the same points are put on the grid."""
+    inputs = _cell_flip_inputs()
+    assert inputs[3].shape[1] > 10
+    grad_output = torch.randn(1, inputs[3].shape[1], 8)
+    for grid, should_match in ((False, False), (True, True)):
+        if grid:
+            inputs[3] = on_dyadic_grid(inputs[3])
+        exact = [t.double() if t.is_floating_point() else t for t in inputs]
+        expected = forward_backward(ms_deform_attn_reference, exact, grad_output.double())
+        actual = forward_backward(cpp, inputs, grad_output)
+        assert_close_scaled(actual[1], expected[1], 1e-4, "grad_value")  # the cell flip moves grad_loc only
+        error = (actual[2].double() - expected[2]).abs().max().item()
+        scale = max(1.0, expected[2].abs().max().item())
+        assert (error <= 1e-4 * scale) == should_match, f"on grid: {grid}, grad_loc error {error:.3g}"
+
+
+def test_cpu_kernel_matches_reference_on_the_grid_at_encoder_like_sizes():
+    """fp32 with the GPU realistic-size test's inputs and tolerance, on fewer queries: locations on the grid, a few
+    just outside, many exactly on pixel centres and on h or w = -1 (power-of-two levels)."""
+    levels = [(32, 48), (16, 24), (25, 42), (13, 21)]
+    inputs = make_inputs(1, levels, 600, 8, 4, 32, dtype=torch.float32, spread=0.02, on_grid=True)
+    H = inputs[1][:, 0].view(1, 1, 1, 4, 1).double()
+    h = inputs[3][..., 1].double() * H - 0.5
+    assert (h == h.round()).sum() > 100 and (h == -1).any()
+    grad_output = torch.randn(1, 600, 256)
+    exact = [t.double() if t.is_floating_point() else t for t in inputs]
+    expected = forward_backward(ms_deform_attn_reference, exact, grad_output.double())
+    actual = forward_backward(cpp, inputs, grad_output)
+    for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected, strict=True):
+        assert_close_scaled(a, e, 1e-4, name)
 
 
 @pytest.mark.parametrize("D", [1, 30, 32, 64, 71])
