@@ -6,6 +6,9 @@ are pycocotools' own: the evaluator only converts boxes (xyxy -> xywh), maps lab
 ids when the model uses contiguous labels, and gathers predictions from every rank. Per-class AP and the
 precision-recall curves are read from COCOeval's own accumulated ``eval["precision"]`` array (`Evaluation`); the
 confusion matrix, which COCOeval has none of, is `confusion.py`'s.
+
+pycocotools is imported when a ground truth is first built or evaluated (`coco_api`), not with this module: training
+without evaluation, and everything that imports this module on the way, runs where pycocotools is not installed.
 """
 
 from __future__ import annotations
@@ -15,13 +18,11 @@ import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from ddetr.data.shards import ANNOTATION_COLUMNS, read_metadata, read_shard, shard_uris
 
@@ -45,10 +46,34 @@ PER_CLASS_STATS = STAT_NAMES[:6]
 # The lowest score of the detections an `Evaluation` keeps (for the confusion matrix and the drawings, which count
 # from 0.3): all of them, 100 per image, would hold hundreds of MB of a COCO-sized split until the next evaluation.
 KEEP_SCORE = 0.1
+MISSING_PYCOCOTOOLS = "evaluation needs pycocotools: pip install pycocotools"
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+
+class MissingPycocotoolsError(ImportError):
+    """pycocotools is not installed where an evaluation was asked for; the message says what to install."""
+
+
+def coco_api() -> tuple[type[COCO], type[COCOeval]]:
+    """pycocotools' `COCO` and `COCOeval` classes, imported on first use.
+
+    Raises:
+        MissingPycocotoolsError: pycocotools cannot be imported (`MISSING_PYCOCOTOOLS`, then why).
+    """
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError as err:
+        raise MissingPycocotoolsError(f"{MISSING_PYCOCOTOOLS} ({err})") from err
+    return COCO, COCOeval
 
 
 def coco_from_dict(dataset: dict[str, Any]) -> COCO:
     """A pycocotools ``COCO`` over an in-memory instances dict (keys images, annotations, categories)."""
+    COCO, _ = coco_api()
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
@@ -58,6 +83,7 @@ def coco_from_dict(dataset: dict[str, Any]) -> COCO:
 
 def coco_from_json(path: str) -> COCO:
     """The ground truth of an instances json file."""
+    COCO, _ = coco_api()
     with contextlib.redirect_stdout(io.StringIO()):
         return COCO(path)
 
@@ -205,6 +231,7 @@ def evaluate_detections(
 
 def run_cocoeval(coco_gt: COCO, detections: list[dict[str, Any]], image_ids: list[int]) -> tuple[COCOeval, str]:
     """COCOeval (bbox) evaluated, accumulated and summarized over `image_ids`; with the table it printed."""
+    _, COCOeval = coco_api()
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         coco_dt = coco_gt.loadRes(detections)

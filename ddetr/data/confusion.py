@@ -1,18 +1,20 @@
 """The confusion matrix of a detector at one IoU and score threshold, with a background class (COCOeval has none).
 
 It answers what AP does not: which classes the model mistakes for which, and how many objects it misses or invents.
-Boxes are COCO's (xywh); the IoU is pycocotools' own `maskUtils.iou`, the one COCOeval uses.
+Boxes are COCO's (xywh); the IoU is pycocotools' own `maskUtils.iou`, the one COCOeval uses, imported on first use
+(as `coco_eval` does) so that importing this module needs no pycocotools.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 
 from ddetr.data.coco_eval import category_names
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
 
 BACKGROUND = "background"
 
@@ -77,4 +79,6 @@ def _iou(dets: list[list[float]], truth: list[list[float]], crowd: bool) -> np.n
     inside it, as COCOeval counts it)."""
     if not dets or not truth:
         return np.zeros((len(dets), len(truth)))
+    from pycocotools import mask as mask_utils  # here, not at the top: see coco_eval.coco_api
+
     return np.asarray(mask_utils.iou(dets, truth, [int(crowd)] * len(truth))).reshape(len(dets), len(truth))

@@ -25,8 +25,8 @@ from ddetr.train.checkpoints import (
 
 
 def preflight(cfg: Config, resume: str | None = None) -> str | None:
-    """Check the data, `resume`, a reused run name, and for a fresh run `model.init_from` and
-    `model.pretrained_backbone`.
+    """Check the data, that evaluation can run, `resume`, a reused run name, and for a fresh run `model.init_from`
+    and `model.pretrained_backbone`.
 
     Returns:
         the checkpoint folder `resume` names (a run folder: its latest checkpoint), or None without `resume`.
@@ -35,6 +35,7 @@ def preflight(cfg: Config, resume: str | None = None) -> str | None:
         ConfigError, FileNotFoundError, CorruptCheckpointError, DataError: one line naming the setting and the path.
     """
     check_data(cfg)
+    check_evaluation(cfg)
     if resume is not None:
         return check_resume(cfg, resume)
     if check_continuation(cfg) is None:  # a fresh run starts from these weights; a continued one from its own
@@ -59,6 +60,24 @@ def check_data(cfg: Config) -> None:
             )
         # A bad shard is named now, not by a worker mid-epoch.
         open_split(split, skip_unreadable=cfg.data.skip_unreadable_shards)
+
+
+def check_evaluation(cfg: Config) -> None:
+    """pycocotools imports when the run evaluates (`data.val` set), here rather than after the first epoch.
+
+    This process's installation stands for the workers': the local engine is this process, and Ray workers share
+    their driver's (a local Ray) or the cluster image the driver runs from.
+    """
+    if not cfg.data.val:
+        return
+    from ddetr.data.coco_eval import MISSING_PYCOCOTOOLS, coco_api
+
+    try:
+        coco_api()
+    except ImportError:
+        raise ConfigError(
+            f"{MISSING_PYCOCOTOOLS} (the run evaluates data.val={cfg.data.val}; data.val= trains without evaluation)"
+        ) from None
 
 
 def check_resume(cfg: Config, resume: str) -> str:

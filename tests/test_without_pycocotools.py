@@ -1,0 +1,108 @@
+"""Training where pycocotools is not installed (the lent GPU machine): the engine and the benchmarks import, a run
+without evaluation trains, and a run that would evaluate is refused before it starts, in one line.
+
+Each test runs a fresh interpreter in which `import pycocotools` fails as it does where the package is missing
+(a `sys.meta_path` finder, installed before anything else is imported).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddetr.data.synthetic import make_synthetic_coco
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_PYCOCOTOOLS = """
+import sys
+
+
+class NoPycocotools:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "pycocotools":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoPycocotools())
+"""
+CLI = """
+from ddetr.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_without_pycocotools(code: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-c", NO_PYCOCOTOOLS + code, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    """4 training and 2 validation images of 32 x 48 pixels, as shards (`shards/train`, `shards/val`)."""
+    root = tmp_path_factory.mktemp("syn")
+    return make_synthetic_coco(str(root), 4, 2, seed=0, image_size=(32, 48)).root + "/shards"
+
+
+def train_args(data: str, storage: Path, *overrides: str) -> list[str]:
+    return [
+        "train", "--preset", "tiny", "--data", data, "--engine", "local",
+        "train.epochs=1", "train.max_steps_per_epoch=2", "train.log_every=1000", f"train.storage_path={storage}",
+        "train.name=nococo", "data.scale=0.1", "data.loader_workers=0", *overrides,
+    ]  # fmt: skip
+
+
+def test_engine_imports_and_evaluation_is_refused_before_the_run(data, tmp_path):
+    """The modules of the local engine, the command line and benchmarks/train_step.py import; a run with a
+    validation split (which would be evaluated) ends in one line and exit 2 before its run folder exists."""
+    code = f"""
+import importlib.util
+
+try:
+    import pycocotools.coco
+except ImportError:
+    pass
+else:
+    raise SystemExit("the finder did not block pycocotools")
+import ddetr.cli, ddetr.data.confusion, ddetr.train.local, ddetr.train.plots, ddetr.train.results
+
+spec = importlib.util.spec_from_file_location("train_step", {str(ROOT / "benchmarks" / "train_step.py")!r})
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+print("imported", file=sys.stderr)
+{CLI}"""
+    storage = tmp_path / "runs"
+    done = run_without_pycocotools(code, *train_args(data, storage))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[0] == "imported", done.stderr
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == [lines[-1]], done.stderr
+    assert errors[0].startswith("error: evaluation needs pycocotools: pip install pycocotools"), errors
+    assert f"data.val={data}/val" in errors[0] and "data.val= trains without evaluation" in errors[0]
+    assert not storage.exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_a_run_without_evaluation_trains(data, tmp_path):
+    """`data.val=` (no validation split): two steps of the tiny model train, and the run ends with a checkpoint."""
+    storage = tmp_path / "runs"
+    done = run_without_pycocotools(CLI, *train_args(data, storage, "data.val="))
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(done.stdout)
+    assert metrics["step"] == 2 and metrics["epoch"] == 1 and metrics["train/loss"] > 0
+    assert "val/AP50" not in metrics  # nothing was evaluated
+    assert list((storage / "nococo").glob("checkpoint_*")), sorted(p.name for p in (storage / "nococo").iterdir())
