@@ -3,14 +3,23 @@
     python benchmarks/boosters.py                          # the full measurement: 5 variants x 3 seeds, demo-sized
     python benchmarks/boosters.py --seeds 0 --train-images 48 --val-images 16 --epochs 1 --skip-full-size
     python benchmarks/boosters.py --cost-only              # only the step time and memory of the branch
+    python benchmarks/boosters.py --variants hybrid all --equal-wall-clock --skip-demo-steps --out /tmp/eq.json
+    python benchmarks/boosters.py --merge A.json B.json --out benchmarks/results/boosters-ap-cpu.json
 
 AP: each variant trains the demo's model (`ddetr.demo.DEMO_OVERRIDES`: the tiny preset, two-stage with refinement,
 10 queries, data scale 0.2) in one process on the demo's synthetic data (800 + 200 images, 3 epochs of 200 steps of
 4 images, the demo's 2 workers x 2 images as one batch of 4), then is evaluated on the validation split. Variants:
 plain, hybrid matching (T = 5 x the queries, K = 6: H-DETR's 1500 for 300), look forward twice, mixed query
-selection, and all three. Dropout is not a variant: the tiny preset already trains without it. With
-`--equal-wall-clock` each variant slower per step than plain trains again for the steps plain's training time
-buys it. Variants alternate within a seed; seeds give mean and spread (max - min).
+selection, and all three. Dropout is not a variant: the tiny preset already trains without it. Variants alternate
+within a seed; seeds give mean and spread (max - min). A run's AP depends on its seed and thread count, not on the
+machine's load.
+
+Equal wall-clock (`--equal-wall-clock`): plain's budget is the demo's steps. Each variant's step time is measured
+against plain's in the same invocation, the two alternating step by step on one batch (`measure_step_ratios`), so
+the ratio does not depend on the machine's load as whole runs' training seconds do; a variant whose ratio exceeds
+`--same-within` (1.03) trains again for demo steps / ratio steps, the others keep their result at the demo's steps.
+
+Several invocations (a seed or a variant each) merge into one report with `--merge` (`boosters_report.py`).
 
 Cost: one training step (forward, criterion with the Hungarian matcher, backward) of the demo's model and of the
 preset `two_stage_12ep_boosted` at full size (ResNet-50, 300 + 1500 queries), with the branch off and on, the two
@@ -18,7 +27,7 @@ alternating step by step; best and median of N. Memory on the CPU is the bytes a
 (distinct storages, counted by a saved-tensors hook): the activation memory a step holds at its peak, which is what
 the branch adds to.
 
-Prints tables and writes benchmarks/results/boosters-cpu.json (machine, torch, threads, commit, settings).
+Prints tables and writes benchmarks/results/boosters-cpu.json or --out (machine, torch, threads, commit, settings).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,8 +55,12 @@ from ddetr.train.local import LocalRuntime
 from ddetr.train.logbook import read_metrics
 from ddetr.train.loop import fit
 
+sys.path.insert(0, str(Path(__file__).parent))
+from boosters_report import EQUAL_HOW, merge_files, summarise  # noqa: E402 - benchmarks/boosters_report.py, beside
+
 RESULTS = Path(__file__).parent / "results" / "boosters-cpu.json"
 DEMO_QUERIES = 10
+DEMO_BATCH = 4  # the demo's 2 workers x 2 images, as one batch
 # The switches on the demo's model; hybrid matching at H-DETR's ratio (1500 beside 300 queries, 6 copies).
 HYBRID = [f"loss.one_to_many_queries={5 * DEMO_QUERIES}", "loss.one_to_many_repeat=6"]
 VARIANTS = {
@@ -66,7 +80,7 @@ def demo_run_config(args: argparse.Namespace, data: str, storage: str, name: str
         data,
         [
             *DEMO_OVERRIDES,
-            "train.batch_size=4",
+            f"train.batch_size={DEMO_BATCH}",
             f"train.epochs={args.epochs}",
             f"train.lr_drop={max(1, args.epochs - 1)}",
             f"train.eval_every={args.epochs}",
@@ -103,45 +117,83 @@ def train_and_evaluate(cfg: Config) -> dict:
 
 
 def measure_ap(args: argparse.Namespace, work: Path) -> dict:
+    """Train each variant for each seed; the `ap` and `equal_wall_clock` sections and the step ratios measured."""
     data_root = work / "synthetic"
     make_synthetic_coco(str(data_root), args.train_images, args.val_images, seed=DEMO_SEED)
-    runs: dict[str, list[dict]] = {v: [] for v in args.variants}
+    ratios = measure_step_ratios(args) if args.equal_wall_clock else {}
+    demo_steps = args.epochs * (args.max_steps or args.train_images // DEMO_BATCH)
+    runs: dict[str, list[dict]] = {v: [] for v in args.variants if not args.skip_demo_steps}
+    equal: dict[str, list[dict]] = {v: [] for v in ratios}
     for seed in args.seeds:
         for variant in args.variants:  # alternate within a seed: the machine's load drifts alike for every variant
-            cfg = demo_run_config(
-                args, str(data_root), str(work / "runs"), f"{variant}-{seed}", seed, *VARIANTS[variant]
-            )
-            result = {"seed": seed, **train_and_evaluate(cfg)}
-            print(
-                f"seed {seed} {variant:<22} AP {result['AP']:.3f}  {result['steps']} steps  {result['train_s']:.0f} s"
-            )
-            runs[variant].append(result)
-        if args.equal_wall_clock and "plain" in runs:
-            budget = runs["plain"][-1]["train_s"]
-            for variant in args.variants:
-                last = runs[variant][-1]
-                if variant == "plain" or last["train_s"] <= budget:
-                    continue
-                steps = max(1, int(last["steps"] * budget / last["train_s"]))
-                equal = argparse.Namespace(**{**vars(args), "max_steps": -(-steps // args.epochs)})
-                name = f"{variant}-{seed}-equal"
-                cfg = demo_run_config(equal, str(data_root), str(work / "runs"), name, seed, *VARIANTS[variant])
-                last["equal_wall_clock"] = train_and_evaluate(cfg)
-    return {v: summarise(r) for v, r in runs.items()}
+            if not args.skip_demo_steps:
+                runs[variant].append(train_variant(args, data_root, work, variant, seed))
+            if variant not in ratios:
+                continue
+            ratio = ratios[variant]["ratio"]
+            if ratio <= args.same_within:  # within the noise of plain's step: the same steps in the same time
+                equal[variant].append({"seed": seed, "step_ratio": ratio, "same_as_demo_steps": True})
+                continue
+            # The steps plain's time buys this variant, spread over the same epochs (the lr drop keeps its epoch).
+            steps = max(args.epochs, round(demo_steps / ratio))
+            result = train_variant(args, data_root, work, variant, seed, max_steps=-(-steps // args.epochs))
+            equal[variant].append({**result, "step_ratio": ratio, "target_steps": steps})
+    ap, equal_summary = summarise(runs, equal)
+    report = {"ap": ap} if runs else {}
+    if args.equal_wall_clock:
+        report["step_ratios"] = ratios
+        report["equal_wall_clock"] = {"how": EQUAL_HOW, "threshold": args.same_within, "variants": equal_summary}
+    return report
 
 
-def summarise(runs: list[dict]) -> dict:
-    def spread(key: str, rows: list[dict]) -> dict:
-        values = [r[key] for r in rows if r.get(key) is not None]
-        if not values:
-            return {}
-        return {"mean": statistics.fmean(values), "spread": max(values) - min(values), "values": values}
+def train_variant(
+    args: argparse.Namespace, data_root: Path, work: Path, variant: str, seed: int, max_steps: int = 0
+) -> dict:
+    """One run of `variant` at `seed`: the demo's steps, or `max_steps` per epoch (its equal-wall-clock run)."""
+    name = f"{variant}-{seed}" + (f"-{max_steps}" if max_steps else "")
+    capped = argparse.Namespace(**{**vars(args), "max_steps": max_steps or args.max_steps})
+    cfg = demo_run_config(capped, str(data_root), str(work / "runs"), name, seed, *VARIANTS[variant])
+    result = {"seed": seed, **train_and_evaluate(cfg), "load_average": os.getloadavg()}
+    print(f"seed {seed} {variant:<22} AP {result['AP']:.3f}  {result['steps']} steps  {result['train_s']:.0f} s")
+    return result
 
-    out = {"runs": runs, "AP": spread("AP", runs), "AP50": spread("AP50", runs), "train_s": spread("train_s", runs)}
-    equal = [r["equal_wall_clock"] for r in runs if "equal_wall_clock" in r]
-    if equal:
-        out["AP_equal_wall_clock"] = spread("AP", equal)
-    return out
+
+def measure_step_ratios(args: argparse.Namespace) -> dict[str, dict]:
+    """Each non-plain variant's training step (forward, criterion, backward) against plain's on one batch of the
+    demo's shape, the two alternating step by step (and which goes first alternating too), so the machine's load
+    falls alike on both: the median of the pairs' time ratios, and the ratio of the best steps.
+
+    The data loading and the optimizer step, alike for every variant, are not timed: the ratio of whole training
+    steps is nearer 1 than this one, so a variant's equal-wall-clock budget errs on the short side.
+    """
+    demo = build_config("tiny", None, [*DEMO_OVERRIDES, "model.num_classes=7"])
+    batch = synthetic_batch(DEMO_BATCH, 160, 240, 4)  # the demo's images at data.scale 0.2, its 4 objects at most
+    plain = training_step(demo, batch)
+    plain()  # the warm-up
+    ratios = {}
+    for variant in args.variants:
+        if variant == "plain":
+            continue
+        step = training_step(apply_overrides(demo, VARIANTS[variant]), batch)
+        step()
+        times: dict[str, list[float]] = {"plain": [], variant: []}
+        for i in range(args.ratio_steps):
+            for name, fn in [("plain", plain), (variant, step)][:: 1 if i % 2 else -1]:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        pairs = [v / p for v, p in zip(times[variant], times["plain"], strict=True)]
+        ratios[variant] = {
+            "ratio": statistics.median(pairs),
+            "ratio_of_best": min(times[variant]) / min(times["plain"]),
+            "pairs": len(pairs),
+            "plain_median_s": statistics.median(times["plain"]),
+            "variant_median_s": statistics.median(times[variant]),
+            "load_average": os.getloadavg(),
+        }
+        r = ratios[variant]
+        print(f"step ratio {variant:<22} {r['ratio']:.3f} (best steps {r['ratio_of_best']:.3f})")
+    return ratios
 
 
 class SavedBytes:
@@ -238,14 +290,19 @@ def git_commit() -> str:
 
 
 def print_tables(report: dict) -> None:
-    if report.get("ap"):
-        print(f"\n{'variant':<24}{'AP mean':>9}{'spread':>8}{'AP50':>8}{'train s':>9}{'AP equal time':>15}")
-        for variant, r in report["ap"].items():
-            equal = r.get("AP_equal_wall_clock", {}).get("mean")
-            print(
-                f"{variant:<24}{r['AP']['mean']:>9.3f}{r['AP']['spread']:>8.3f}{r['AP50']['mean']:>8.3f}"
-                f"{r['train_s']['mean']:>9.0f}{'' if equal is None else f'{equal:.3f}':>15}"
-            )
+    ap, equal = report.get("ap", {}), report.get("equal_wall_clock", {}).get("variants", {})
+    if ap or equal:
+        print(f"\n{'variant':<24}{'seeds':>8}{'AP mean':>9}{'spread':>8}{'AP50':>8}{'step x':>8}{'AP equal time':>15}")
+        for variant in dict.fromkeys([*ap, *equal]):
+            r, e = ap.get(variant, {}), equal.get(variant, {})
+            cells = [r.get("AP", {}).get("mean"), r.get("AP", {}).get("spread"), r.get("AP50", {}).get("mean")]
+            ratios = "/".join(f"{x:.2f}" for x in e.get("step_ratios", []))
+            cells.append(e.get("AP", {}).get("mean"))
+            text = ["" if c is None else f"{c:.3f}" for c in cells]
+            seeds = ",".join(str(s) for s in r.get("seeds", e.get("seeds", [])))
+            print(f"{variant:<24}{seeds:>8}{text[0]:>9}{text[1]:>8}{text[2]:>8}{ratios:>8}{text[3]:>15}")
+    if not report.get("cost"):
+        return
     print(f"\n{'one-to-many branch':<70}{'step s off':>11}{'on':>8}{'x':>6}{'saved MiB off':>15}{'on':>8}{'x':>6}")
     for name, r in report["cost"].items():
         off, on = r["off"], r["on"]
@@ -264,13 +321,37 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="the demo's 3")
     parser.add_argument("--max-steps", type=int, default=0, help="cap on steps per epoch (0: every batch)")
     parser.add_argument("--loader-workers", type=int, default=2)
-    parser.add_argument("--equal-wall-clock", action="store_true", help="also train slower variants for plain's time")
+    parser.add_argument(
+        "--equal-wall-clock",
+        action="store_true",
+        help="measure each variant's step time against plain's and train slower ones again for plain's time",
+    )
+    parser.add_argument("--ratio-steps", type=int, default=20, help="alternating step pairs timed per variant")
+    parser.add_argument(
+        "--same-within", type=float, default=1.03, help="step ratio up to which a variant keeps its demo-step result"
+    )
+    parser.add_argument(
+        "--skip-demo-steps", action="store_true", help="only the equal-wall-clock runs (the others merged in later)"
+    )
+    parser.add_argument("--merge", type=Path, nargs="+", help="merge these reports by variant and seed into --out")
     parser.add_argument("--cost-only", action="store_true", help="only the step time and memory of the branch")
     parser.add_argument("--skip-full-size", action="store_true", help="cost of the demo's model only")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per cost case")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, help="the JSON written (default: benchmarks/results/boosters-cpu.json)")
     args = parser.parse_args()
+    if args.merge:
+        if args.out is None:
+            parser.error("--merge needs --out: the file the merged report goes to")
+        try:
+            report = merge_files(args.merge)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        print_tables(report)
+        io.atomic_write(args.out, json.dumps(report, indent=2))
+        print(f"\nwrote {args.out}")
+        return
+    args.out = args.out or RESULTS
     torch.set_num_threads(args.threads)
 
     report = {
@@ -286,7 +367,7 @@ def main() -> None:
     }
     if not args.cost_only:
         with tempfile.TemporaryDirectory(prefix="ddetr-boosters-") as work:
-            report["ap"] = measure_ap(args, Path(work))
+            report.update(measure_ap(args, Path(work)))
     print_tables(report)
     io.atomic_write(args.out, json.dumps(report, indent=2))  # a reader never sees a half-written file
     print(f"\nwrote {args.out}")
