@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                        # reference and cpp, deformable_detr, 2 x 320x480
     python benchmarks/train_step.py --backends reference --steps 2
     python benchmarks/train_step.py --device cuda --amp bf16 --batch 4 --height 800 --width 1216
+    python benchmarks/train_step.py --device cuda --amp bf16 --backends cpp --compile   # torch.compile'd model
 
 On CUDA the clock waits for the device (synchronize) around each timed call, and the peak memory of one training
 step per backend (torch.cuda.max_memory_allocated, above what was allocated before) is recorded too.
@@ -81,8 +82,13 @@ def setup_backend(
     mask: torch.Tensor,
     targets: list[dict],
     amp: torch.dtype | None = None,
+    compile_model: bool = False,
 ) -> tuple[dict, list]:
     """The timed functions of one backend: "step" (the whole training step) and one per component.
+
+    compile_model: run the step's model under `torch.compile` (the criterion stays eager: the matcher runs on the
+    host); then only "step" is timed, since the components would time the eager model. The first (warm-up) call
+    compiles.
 
     Returns:
         (name -> zero-argument function, the encoder's spatial shapes).
@@ -93,11 +99,12 @@ def setup_backend(
     model, criterion, _ = build_model(cfg, load_backbone_weights=False)  # timing only: nothing to fetch offline
     model.to(images.device).train()
     autocast = functools.partial(torch.autocast, images.device.type, dtype=amp, enabled=amp is not None)
+    stepped = torch.compile(model) if compile_model else model
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
         with autocast():
-            loss = criterion.total_loss(criterion(model(images, mask), targets))
+            loss = criterion.total_loss(criterion(stepped(images, mask), targets))
         loss.backward()
 
     # Inputs of each component, captured from one real forward.
@@ -123,6 +130,8 @@ def setup_backend(
 
         return run
 
+    if compile_model:
+        return {"step": step}, enc.args[1].tolist()
     fns = {
         "step": step,
         "backbone": under_autocast(backbone),
@@ -212,6 +221,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast dtype of the step")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model; time the whole step only")
     parser.add_argument("--out", type=Path, default=None, help="default: results/train_step-<device>.json")
     args = parser.parse_args()
     if args.threads:
@@ -229,7 +239,7 @@ def main() -> None:
                 skipped[backend] = why
                 print(f"skipping the cpp backend: {why}")
                 continue
-        setups[backend], spatial = setup_backend(args.preset, backend, images, mask, targets, amp)
+        setups[backend], spatial = setup_backend(args.preset, backend, images, mask, targets, amp, args.compile)
     times = run_interleaved(setups, args.steps, args.warmup)
     results = {
         b: {
@@ -257,6 +267,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "amp": args.amp,
+        "compile": args.compile,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "commit": git_commit(),
