@@ -116,18 +116,29 @@ def train_and_evaluate(cfg: Config) -> dict:
     }
 
 
-def measure_ap(args: argparse.Namespace, work: Path) -> dict:
-    """Train each variant for each seed; the `ap` and `equal_wall_clock` sections and the step ratios measured."""
+def measure_ap(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) -> dict:
+    """Train each variant for each seed; the `ap` and `equal_wall_clock` sections and the step ratios measured,
+    passed to `save` after every run as well (a run takes minutes: an invocation cut short keeps what it trained)."""
     data_root = work / "synthetic"
     make_synthetic_coco(str(data_root), args.train_images, args.val_images, seed=DEMO_SEED)
     ratios = measure_step_ratios(args) if args.equal_wall_clock else {}
     demo_steps = args.epochs * (args.max_steps or args.train_images // DEMO_BATCH)
     runs: dict[str, list[dict]] = {v: [] for v in args.variants if not args.skip_demo_steps}
     equal: dict[str, list[dict]] = {v: [] for v in ratios}
+
+    def sections() -> dict:
+        ap, equal_summary = summarise(runs, equal)
+        report = {"ap": ap} if runs else {}
+        if args.equal_wall_clock:
+            report["step_ratios"] = ratios
+            report["equal_wall_clock"] = {"how": EQUAL_HOW, "threshold": args.same_within, "variants": equal_summary}
+        return report
+
     for seed in args.seeds:
         for variant in args.variants:  # alternate within a seed: the machine's load drifts alike for every variant
             if not args.skip_demo_steps:
                 runs[variant].append(train_variant(args, data_root, work, variant, seed))
+                save(sections())
             if variant not in ratios:
                 continue
             ratio = ratios[variant]["ratio"]
@@ -138,12 +149,8 @@ def measure_ap(args: argparse.Namespace, work: Path) -> dict:
             steps = max(args.epochs, round(demo_steps / ratio))
             result = train_variant(args, data_root, work, variant, seed, max_steps=-(-steps // args.epochs))
             equal[variant].append({**result, "step_ratio": ratio, "target_steps": steps})
-    ap, equal_summary = summarise(runs, equal)
-    report = {"ap": ap} if runs else {}
-    if args.equal_wall_clock:
-        report["step_ratios"] = ratios
-        report["equal_wall_clock"] = {"how": EQUAL_HOW, "threshold": args.same_within, "variants": equal_summary}
-    return report
+            save(sections())
+    return sections()
 
 
 def train_variant(
@@ -365,11 +372,16 @@ def main() -> None:
         "demo_overrides": DEMO_OVERRIDES,
         "cost": measure_cost(args),
     }
+
+    def save(sections: dict) -> None:  # a reader never sees a half-written file
+        io.atomic_write(args.out, json.dumps({**report, **sections}, indent=2))
+
     if not args.cost_only:
         with tempfile.TemporaryDirectory(prefix="ddetr-boosters-") as work:
-            report.update(measure_ap(args, Path(work)))
+            report.update(measure_ap(args, Path(work), lambda sections: save({**sections, "finished": False})))
+    report["finished"] = True
     print_tables(report)
-    io.atomic_write(args.out, json.dumps(report, indent=2))  # a reader never sees a half-written file
+    save({})
     print(f"\nwrote {args.out}")
 
 

@@ -37,6 +37,7 @@ INVOCATION_KEYS = (
     "settings",
     "step_ratios",
     "machine",
+    "finished",
     "how",
 )
 
@@ -51,7 +52,7 @@ def spread(values: list[float]) -> dict:
 def summarise(ap_runs: dict[str, list[dict]], equal_runs: dict[str, list[dict]]) -> tuple[dict, dict]:
     """The `ap` and `equal_wall_clock.variants` sections from runs by variant (each run a dict with `seed`).
 
-    Seeds missing for a variant are those that any variant of the same section has and it lacks. Equal-wall-clock
+    Seeds missing for a variant are those that any run of either section has and it lacks. Equal-wall-clock
     runs marked `same_as_demo_steps` take AP and AP50 from the variant's run at the demo's steps with the same seed
     (missing if that run is not in `ap_runs`).
     """
@@ -60,7 +61,8 @@ def summarise(ap_runs: dict[str, list[dict]], equal_runs: dict[str, list[dict]])
     def against_plain(runs: list[dict]) -> list[float | None]:
         return [r["AP"] - plain[r["seed"]]["AP"] if r["seed"] in plain else None for r in runs]
 
-    all_seeds = sorted({r["seed"] for runs in ap_runs.values() for r in runs})
+    # The seeds any run of either section has: a variant lacking one of them is missing it.
+    all_seeds = sorted({r["seed"] for runs in [*ap_runs.values(), *equal_runs.values()] for r in runs})
     ap = {}
     for variant, runs in ap_runs.items():
         runs = sorted(runs, key=lambda r: r["seed"])
@@ -73,7 +75,6 @@ def summarise(ap_runs: dict[str, list[dict]], equal_runs: dict[str, list[dict]])
         }
 
     demo = {(v, r["seed"]): r for v, runs in ap_runs.items() for r in runs}
-    equal_seeds = sorted({r["seed"] for runs in equal_runs.values() for r in runs})
     equal = {}
     for variant, runs in equal_runs.items():
         runs = sorted(runs, key=lambda r: r["seed"])
@@ -87,7 +88,7 @@ def summarise(ap_runs: dict[str, list[dict]], equal_runs: dict[str, list[dict]])
             "step_ratios": sorted({r["step_ratio"] for r in runs}),
             "runs": runs,
             "seeds": [r["seed"] for r in resolved],
-            "missing_seeds": [s for s in equal_seeds if s not in {r["seed"] for r in resolved}],
+            "missing_seeds": [s for s in all_seeds if s not in {r["seed"] for r in resolved}],
             "AP": spread([r["AP"] for r in resolved]),
             "AP50": spread([r["AP50"] for r in resolved]),
             "minus_plain_same_seed": against_plain(resolved),
@@ -171,13 +172,18 @@ def _add(runs: list[dict], run: dict, name: str, variant: str, invocations: list
     for kept in runs:
         if kept["seed"] != run["seed"]:
             continue
-        # A run kept at the demo's steps carries that run's AP once resolved, or none yet: its flag is what counts.
-        same = kept.get("same_as_demo_steps") == run.get("same_as_demo_steps")
-        if not same or (not run.get("same_as_demo_steps") and kept.get("AP") != run.get("AP")):
+        source = invocations[kept["invocation"]].get("source")
+        if kept.get("step_ratio") != run.get("step_ratio"):
             raise ValueError(
-                f"{name}: {variant} seed {run['seed']} gives AP {run.get('AP')} where invocation "
-                f"{invocations[kept['invocation']].get('source')} gave {kept.get('AP')}: the runs should be "
-                "deterministic per seed; find what changed (commit, threads) before merging them"
+                f"{name}: {variant} seed {run['seed']} at equal wall-clock has step ratio {run['step_ratio']:.3f}, "
+                f"invocation {source} {kept['step_ratio']:.3f}: their budgets differ; merge one of them"
+            )
+        # A run kept at the demo's steps carries that run's AP once resolved, or none yet: its flag is what counts.
+        if not run.get("same_as_demo_steps") and kept.get("AP") != run.get("AP"):
+            raise ValueError(
+                f"{name}: {variant} seed {run['seed']} gives AP {run.get('AP')} where invocation {source} gave "
+                f"{kept.get('AP')}: the runs should be deterministic per seed; find what changed (commit, threads) "
+                "before merging them"
             )
         kept["reproduced_by"] = [*kept.get("reproduced_by", []), run["invocation"]]
         return
