@@ -155,6 +155,34 @@ def test_idle_scheduling_loop_turns_are_stretched_and_busy_ones_left_alone():
     assert time.perf_counter() - start < IdleLoopThrottle.min_turn_s / 2
 
 
+def test_an_executor_whose_limits_are_still_zero_reads_them_again_on_its_next_turn():
+    # Ray Data's own resource manager, fed by a stand-in for the autoscaling coordinator's cache: empty when the
+    # execution starts, the reserved CPUs a few ms later.
+    from types import SimpleNamespace
+
+    from ray.data import DataContext
+    from ray.data._internal.execution.block_ref_counter import BlockRefCounter
+    from ray.data._internal.execution.interfaces import ExecutionOptions, ExecutionResources
+    from ray.data._internal.execution.operators.input_data_buffer import InputDataBuffer
+    from ray.data._internal.execution.resource_manager import ResourceManager
+
+    from ddetr.data.loop_throttle import EarlyLimits
+
+    reserved = [ExecutionResources.zero()]
+    context = DataContext()
+    topology = {InputDataBuffer(context, []): None}
+    manager = ResourceManager(topology, ExecutionOptions(), lambda: reserved[0], context, BlockRefCounter(lambda *_: 1))
+    executor = SimpleNamespace(_resource_manager=manager)
+    assert manager.get_global_limits().cpu == 0
+    reserved[0] = ExecutionResources(cpu=2, object_store_memory=2**30)
+    assert manager.get_global_limits().cpu == 0  # Ray keeps what it read for GLOBAL_LIMITS_UPDATE_INTERVAL_S (1 s)
+    EarlyLimits().on_execution_step(executor)
+    assert manager.get_global_limits().cpu == 2
+    reserved[0] = ExecutionResources(cpu=1, object_store_memory=2**30)
+    EarlyLimits().on_execution_step(executor)  # limits with CPUs in them are left to Ray's own refresh
+    assert manager.get_global_limits().cpu == 2
+
+
 @pytest.mark.ray
 def test_ray_pipeline_matches_the_plain_one(shards, ray_local, limit_120s):
     from ray.data import DataContext

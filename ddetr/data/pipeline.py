@@ -39,7 +39,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from ddetr.data.collate import collate_columns, table_columns
 from ddetr.data.decode import decode_rows
-from ddetr.data.loop_throttle import IdleLoopThrottle
+from ddetr.data.loop_throttle import EarlyLimits, IdleLoopThrottle
 from ddetr.data.order import epoch_order, rank_positions, read_groups
 from ddetr.data.shards import open_split
 from ddetr.data.transforms import TransformConfig
@@ -188,6 +188,7 @@ def build_ray_dataset(
     # and the first batch of every epoch waited for whole tasks. A target of half a decoded chunk makes each chunk
     # leave as it is decoded (split into blocks of about half a chunk; splitting is zero-copy).
     ds.context.target_max_block_size = max(1, decode_batch_size * decoded_image_bytes(cfg, train) // 2)
-    if IdleLoopThrottle not in ds.context.custom_execution_callback_classes:
-        ds.context.custom_execution_callback_classes.append(IdleLoopThrottle)
+    for callback in (IdleLoopThrottle, EarlyLimits):
+        if callback not in ds.context.custom_execution_callback_classes:
+            ds.context.custom_execution_callback_classes.append(callback)
     return ds
