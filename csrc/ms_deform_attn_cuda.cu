@@ -359,6 +359,9 @@ Sizes kernel_sizes(const MSDAShape& s, int64_t groups) {
   TORCH_CHECK(s.N * s.S * s.M < INT_MAX && s.M * s.D < INT_MAX && s.L * s.P < INT_MAX && groups < INT_MAX,
               "ms_deform_attn on CUDA indexes rows and groups in int32: N * S * M (", s.N * s.S * s.M,
               "), M * D, L * P and N * Lq * M * chunks (", groups, ") must stay below 2^31; split the batch");
+  // Every thread of the last block computes its group index before the bounds test, up to a block past `groups`.
+  TORCH_CHECK(groups <= INT_MAX - kThreads, "ms_deform_attn on CUDA indexes groups in int32: N * Lq * M * chunks (",
+              groups, ") must stay at most 2^31 - 1 - ", kThreads, " (a block of headroom); split the batch");
   return {static_cast<int>(s.S), static_cast<int>(s.M), static_cast<int>(s.D), static_cast<int>(s.Lq),
           static_cast<int>(s.L), static_cast<int>(s.P), static_cast<int>(s.M * s.D), static_cast<int>(groups)};
 }
