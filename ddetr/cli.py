@@ -44,6 +44,7 @@ CHECKPOINT_HELP = (
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the input was wrong, not the program: one line, exit status 2."""
+    from ddetr.data.coco_eval import MissingPycocotoolsError
     from ddetr.data.shards import DataError
     from ddetr.data.validate import BadRecordError
     from ddetr.train.checkpoints import CorruptCheckpointError
@@ -56,6 +57,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         BadRecordError,
         DataError,
         CorruptCheckpointError,
+        MissingPycocotoolsError,
     )
 
 

@@ -226,6 +226,11 @@ class TrainConfig:
             raise ConfigError(f"train.amp must be auto, bf16, fp16 or off, got {self.amp!r}")
         if self.batch_size < 1:
             raise ConfigError(f"train.batch_size must be at least 1, got {self.batch_size}")
+        if self.eval_every < 1:
+            raise ConfigError(
+                f"train.eval_every must be at least 1 (the last epoch is always evaluated; data.val= trains without "
+                f"evaluation), got {self.eval_every}"
+            )
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"train.max_nonfinite_steps must be at least 1, got {self.max_nonfinite_steps}")
         # Configs saved before use_gpu took "auto" hold a bool.

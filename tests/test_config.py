@@ -80,6 +80,7 @@ def test_overrides_convert_types_and_leave_the_input_alone():
         ("model.num_feature_levels=2", ValueError, "num_feature_levels"),
         ("model.proposal_nms=1.5", ValueError, "proposal_nms must lie"),
         ("model.proposal_nms=0.5", ValueError, "needs model.two_stage"),
+        ("train.eval_every=0", ValueError, "data.val= trains without evaluation"),
     ],
 )
 def test_bad_overrides_say_what_is_wrong(override, error, match):
