@@ -131,7 +131,7 @@ def run_child(path: str, args: argparse.Namespace, folder: Path, split: Path, co
     cmd += ["--cpus", str(args.cpus), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
     cmd += ["--map-cpus", str(args.map_cpus), "--decode-batch-size", str(args.decode_batch_size)]
     cmd += ["--read-size", str(args.read_size), "--prefetch", str(args.prefetch)]
-    cmd += ["--object-store-mb", str(args.object_store_mb)]
+    cmd += ["--object-store-mb", str(args.object_store_mb), "--max-tasks", str(args.max_tasks)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=lambda: os.sched_setaffinity(0, cores))
     memory = TreeMemory(proc.pid)
     out, _ = proc.communicate(timeout=args.timeout)
@@ -226,6 +226,7 @@ def main() -> None:
     p.add_argument("--read-size", type=int, default=64, help="Ray: images one decode task reads")
     p.add_argument("--prefetch", type=int, default=1, help="Ray: iter_torch_batches prefetch_batches")
     p.add_argument("--object-store-mb", type=int, default=0, help="Ray: Data's object store limit (0: Ray's own)")
+    p.add_argument("--max-tasks", type=int, default=0, help="Ray: decode tasks at once (0: the pipeline's cap)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()

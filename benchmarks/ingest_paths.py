@@ -127,6 +127,7 @@ def run_ray_data(args: argparse.Namespace) -> dict[str, Any]:
             deal_size=args.batch_size,
             decode_batch_size=args.decode_batch_size,
             read_size=args.read_size,
+            max_tasks=args.max_tasks or None,
         )
         return ds.iter_torch_batches(
             batch_size=args.batch_size, collate_fn=DetrCollateFn(), drop_last=True, prefetch_batches=args.prefetch
@@ -231,6 +232,7 @@ def main() -> None:
     p.add_argument("--map-cpus", type=float, default=0.5)
     p.add_argument("--decode-batch-size", type=int, default=16)
     p.add_argument("--read-size", type=int, default=64)
+    p.add_argument("--max-tasks", type=int, default=0)
     p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--object-store-mb", type=int, default=0, help="Ray Data's object store limit (0: Ray's own)")
     args = p.parse_args()
