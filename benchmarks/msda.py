@@ -12,6 +12,10 @@ each samples P points per level at Gaussian offsets of 2 pixels of that level ar
     python benchmarks/msda.py                      # all shapes, 2 threads
     python benchmarks/msda.py --quick              # encoder shape only, fewer repeats
     python benchmarks/msda.py --shapes decoder --repeat 10
+
+On CUDA, when the JSON of `benchmarks/official_kernel.py time` (the official Deformable DETR kernel beside ours, timed
+with CUDA events in one run) is given with --official-json or found at results/msda-vs-official.json, a second table
+shows the official kernel's times beside this run's rows.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ SHAPES = {
     "encoder-800": (2, LEVELS_800, None),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
+OFFICIAL_JSON = RESULTS / "msda-vs-official.json"  # the default --out of benchmarks/official_kernel.py time
+# This script's CUDA variants under their names in that JSON.
+OFFICIAL_NAMES = {"cuda fp32": "ours fp32", "cuda bf16": "ours bf16", "cuda fp16": "ours fp16"}
 
 
 def make_inputs(N: int, levels: list[tuple[int, int]], Lq: int | None, device: str, dtype: torch.dtype):
@@ -208,6 +215,34 @@ def print_row(row: dict[str, object], rows: list[dict[str, object]]) -> None:
     )
 
 
+def official_table(path: Path, rows: list[dict[str, object]]) -> dict[str, object]:
+    """Print the official kernel's fp32 times from `path` beside this run's CUDA rows; return them for the JSON.
+
+    Two ratios per row: official / this run (host clocks here, CUDA events there: indicative only), and official /
+    ours as measured side by side in the official JSON's own run (the one to quote).
+    """
+    official = json.loads(path.read_text())
+    gpu = official["machine"]["gpu"]
+    here = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    print(f"\nofficial kernel, fp32 ({path}, {gpu}{'' if gpu == here else f'; this run: {here}'})")
+    print(f"{'shape':<12} {'variant':<15} {'f+b ms':>8} {'official':>9} {'off/this':>9} {'off/ours same run':>18}")
+    out = []
+    for row in rows:
+        shape = official["shapes"].get(row["shape"])
+        name = OFFICIAL_NAMES.get(row["variant"])
+        if shape is None or name is None:
+            continue
+        mine = (row["forward_s"] + row["backward_s"]) * 1e3
+        theirs = shape["timings_ms"]["official fp32"]["forward_backward"]
+        same_run = shape["official_over_ours"][name]["forward_backward"]
+        print(
+            f"{row['shape']:<12} {row['variant']:<15} {mine:8.2f} {theirs:9.2f} {theirs / mine:8.2f}x {same_run:17.2f}x"
+        )
+        out.append({"shape": row["shape"], "variant": row["variant"], "official_fwd_bwd_ms": theirs})
+        out[-1].update(official_over_this_run=theirs / mine, official_over_ours_same_run=same_run)
+    return {"path": str(path), "gpu": gpu, "rows": out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
@@ -216,11 +251,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the CPU runs")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/msda-<device>.json)")
+    parser.add_argument(
+        "--official-json",
+        type=Path,
+        default=None,
+        help=f"official-kernel JSON of benchmarks/official_kernel.py to show beside a CUDA run (default {OFFICIAL_JSON}"
+        " when present)",
+    )
     args = parser.parse_args()
     shapes = ["encoder"] if args.quick else [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown:
         parser.error(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
+    if args.official_json is not None and not args.official_json.is_file():
+        parser.error(f"--official-json {args.official_json}: no such file")
     torch.set_num_threads(args.threads)
     build.load_extension()
     rows = run(shapes, args.device, 2 if args.quick else args.repeat)
@@ -235,6 +279,14 @@ def main() -> None:
         "Gaussian offsets of 2 pixels; softmax attention weights",
     }
     report = {"machine": machine(), "device": args.device, "notes": notes, "results": rows}
+    official = args.official_json or (OFFICIAL_JSON if OFFICIAL_JSON.is_file() else None)
+    if official is not None and args.device == "cuda":
+        try:
+            report["official"] = official_table(official, rows)
+        except (OSError, ValueError, KeyError, TypeError) as err:  # this run's own results are still written
+            print(f"note: {official} is not a JSON of official_kernel.py time ({err!r}); official columns skipped")
+    elif args.official_json is not None:
+        print(f"note: --official-json is for CUDA runs; ignored on {args.device}")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, out)
     print(f"wrote {out}")
