@@ -89,7 +89,10 @@ from ddetr.ops import build
 path = build.build_extension(verbose=True)
 print(path)
 if path.name != "ddetr_msda_cuda.so":
-    sys.exit(f"built {path.name}, without the CUDA kernel: ddetr/ops/build.py found no nvcc (CUDA_HOME, PATH)")
+    import os, torch
+    sys.exit(f"built {path.name}, without the CUDA kernel: ddetr/ops/build.py's with_cuda() is False (torch CUDA "
+             f"{torch.version.cuda}, nvcc {build.nvcc_path()}, GPU {torch.cuda.is_available()}, "
+             f"TORCH_CUDA_ARCH_LIST {os.environ.get('TORCH_CUDA_ARCH_LIST')!r})")
 """
 
 
@@ -213,7 +216,10 @@ def step_official(ctx: Ctx) -> dict:
     else:
         wait_official_build(ctx)
     out = ctx.run.out / "msda-vs-official.json"
-    ctx.call(ctx.py, str(bench), "time", "--out", str(out), "--build-dir", OFFICIAL_BUILD)
+    _, said = ctx.call(ctx.py, str(bench), "time", "--out", str(out), "--build-dir", OFFICIAL_BUILD)
+    if not out.is_file():  # bench.py says "skip: ..." and exits 0 where it cannot time (no CUDA torch)
+        last = said.strip().splitlines()[-1] if said.strip() else "no output"
+        raise StepFailed(f"bench.py time wrote no {out.name}: {last[:300]}")
     return json_numbers(out, ("official_over_ours", "max_abs_err", "outliers"), limit=80)
 
 
@@ -410,8 +416,10 @@ def main() -> int:
         run.interrupted(sig.args[0])
         return 128 + sig.args[0]
     finally:
-        if ctx.official is not None:  # the official step never came: do not leave its build running
+        if ctx.official is not None:  # the official step never came: stop its build, keep what it printed
             Run.kill_group(ctx.official)
+            run.say(f"== the official build in the background (exit {ctx.official.returncode}):")
+            run.say((scratch / "official-build.log").read_text(errors="replace").rstrip())
         shutil.rmtree(scratch, ignore_errors=True)
     run.finish()
     return 1 if run.failed() else 0

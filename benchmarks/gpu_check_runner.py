@@ -217,7 +217,8 @@ class Run:
         reader.join(timeout=KILL_GRACE_S)  # a grandchild outside the group may hold the pipe: do not wait for it
         output = "".join(kept)[-OUTPUT_KEPT:]
         if check and rc != 0:
-            raise StepFailed(f"{Path(argv[0]).name} exited with {rc}")
+            last = next((line.strip() for line in reversed(output.splitlines()) if line.strip()), "")
+            raise StepFailed(f"{Path(argv[0]).name} exited with {rc}" + (f": {last[:300]}" if last else ""))
         return rc, output
 
     def _copy(self, stream: IO[str], kept: list[str]) -> None:
