@@ -3,7 +3,9 @@
 Through the device tool (the commit substituted by the caller; `.official` and `.whl` are ignored folders, carried):
 
     GIT_COMMIT=<sha> DEADLINE_S=420 bash benchmarks/gpu_check.sh          # timeout_s 480, carry [".official", ".whl"]
-    GIT_COMMIT=<sha> DEADLINE_S=240 STEPS="sanitizer ncu extras" bash benchmarks/gpu_check.sh   # a rerun, warm machine
+    GIT_COMMIT=<sha> DEADLINE_S=240 STEPS="build sanitizer ncu extras" bash benchmarks/gpu_check.sh   # second call
+
+The second call's build is a no-op on the same warm machine (build/msda-gpu is kept) and a rebuild on a fresh one.
 
 Locally, `bash benchmarks/gpu_check.sh` dry-runs: without a CUDA device every CUDA step is recorded as skipped.
 
@@ -124,15 +126,15 @@ class Step:
 
 # -- steps -----------------------------------------------------------------------------------------------------------
 def step_env(ctx: Ctx) -> dict:
-    if ctx.tools["nvidia-smi"]:
-        ctx.call(ctx.tools["nvidia-smi"], "-L", check=False)
     for name, path in ctx.tools.items():
         ctx.run.say(f"{name}: {path or 'not found'}")
     ctx.run.say(f"CUDA_HOME={ctx.env.get('CUDA_HOME', '(no toolkit found)')}")
     _, out = ctx.call(ctx.py, "-c", ENV_PROBE)
     info = json.loads(out.split("GPU_CHECK_ENV ", 1)[1].splitlines()[0])
-    ctx.cuda = bool(info["cuda_available"])
+    ctx.cuda = bool(info["cuda_available"])  # first: a hanging nvidia-smi below must not hide the GPU from the rest
     ctx.run.summary["card"] = info.get("card")
+    if ctx.tools["nvidia-smi"]:
+        ctx.call(ctx.tools["nvidia-smi"], "-L", check=False)
     return {**info, "cuda_home": ctx.env.get("CUDA_HOME"), "tools": ctx.tools}
 
 
@@ -305,7 +307,7 @@ def step_local_train(ctx: Ctx) -> dict:
 
 def step_compile(ctx: Ctx) -> dict:
     out = ctx.scratch / "train_step-cuda-compile.json"
-    flags = ["--amp", "bf16", "--backends", "cpp", "--compile", "--steps", "3", "--warmup", "1", "--out", str(out)]
+    flags = ["--amp", "bf16", "--backends", "cpp", "--compile", "--steps", "2", "--warmup", "1", "--out", str(out)]
     ctx.call(ctx.py, "benchmarks/train_step.py", "--device", "cuda", *flags)
     numbers = json_numbers(out, ("min_s.step", "median_s.step"))
     eager = ctx.run.out / "train_step-cuda-bf16.json"
@@ -331,7 +333,7 @@ STEPS = [
     Step("sync", 45, step_sync),
     Step("msda", 60, step_msda),
     Step("local-train", 120, step_local_train),
-    Step("compile", 120, step_compile),
+    Step("compile", 180, step_compile),  # inductor compiles the whole model, forward and backward, first
 ]
 
 
@@ -412,17 +414,24 @@ def main() -> int:
     try:
         for step in STEPS:
             do_step(ctx, step)
+        stop_official_build(ctx)
+        run.finish()
+        return 1 if run.failed() else 0
     except Interrupted as sig:
+        stop_official_build(ctx)
         run.interrupted(sig.args[0])
         return 128 + sig.args[0]
     finally:
-        if ctx.official is not None:  # the official step never came: stop its build, keep what it printed
-            Run.kill_group(ctx.official)
-            run.say(f"== the official build in the background (exit {ctx.official.returncode}):")
-            run.say((scratch / "official-build.log").read_text(errors="replace").rstrip())
         shutil.rmtree(scratch, ignore_errors=True)
-    run.finish()
-    return 1 if run.failed() else 0
+
+
+def stop_official_build(ctx: Ctx) -> None:
+    """The official step never came (skipped, or the run was stopped): end its build, keep what it printed."""
+    if ctx.official is not None:
+        Run.kill_group(ctx.official)
+        ctx.run.say(f"== the official build in the background (exit {ctx.official.returncode}):")
+        ctx.run.say((ctx.scratch / "official-build.log").read_text(errors="replace").rstrip())
+        ctx.official = None
 
 
 if __name__ == "__main__":

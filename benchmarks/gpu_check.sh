@@ -6,7 +6,9 @@
 # timeout_s = DEADLINE_S + 60 and carry [".official", ".whl"] (the official sources and the pycocotools wheel):
 #
 #   GIT_COMMIT=<sha> DEADLINE_S=420 bash benchmarks/gpu_check.sh
-#   GIT_COMMIT=<sha> DEADLINE_S=240 STEPS="sanitizer ncu extras" bash benchmarks/gpu_check.sh   # rerun, warm machine
+#   GIT_COMMIT=<sha> DEADLINE_S=240 STEPS="build sanitizer ncu extras" bash benchmarks/gpu_check.sh   # second call
+#
+# (the second call's build is a no-op on the same warm machine, whose build/msda-gpu is kept; a rebuild on a fresh one)
 #
 # Locally it dry-runs (every CUDA step skipped, well under a minute): bash benchmarks/gpu_check.sh
 # Environment: GIT_COMMIT, DEADLINE_S (default 420), STEPS (names or groups; default all), OUT (default

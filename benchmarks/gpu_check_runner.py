@@ -109,8 +109,9 @@ class Run:
         """A line (or lines) on stdout and in the log."""
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
-        self.log.write(text + "\n")
-        self.log.flush()
+        if not self.log.closed:
+            self.log.write(text + "\n")
+            self.log.flush()
 
     def header(self, text: str) -> None:
         stamp = datetime.now().strftime("%H:%M:%S")
@@ -224,8 +225,9 @@ class Run:
     def _copy(self, stream: IO[str], kept: list[str]) -> None:
         size = 0
         for line in stream:
-            self.log.write(line)
-            self.log.flush()
+            if not self.log.closed:  # a grandchild outside the group may write on after the run ended
+                self.log.write(line)
+                self.log.flush()
             sys.stdout.write(line)
             sys.stdout.flush()
             kept.append(line)

@@ -183,3 +183,27 @@ def test_a_command_past_its_step_limit_is_killed_with_its_children(tmp_path):
     assert step["status"] == "timed out" and "past the step's limit" in step["reason"] and step["seconds"] >= 1.4
     run.finish()
     assert "started" in (tmp_path / "out" / "gpu_check.log").read_text()
+
+
+def test_sigterm_kills_the_step_in_flight_and_records_the_rest(tmp_path):
+    """The device tool's limit, or ^C: the step in flight is recorded killed, the rest skipped, the summary finished."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT)], env=script_env(out, GPU_CHECK_STEP_DELAY_S="30"), stdout=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # env's first command (the 30 s sleep of the hook) is in flight
+            if (out / "gpu_check.log").is_file() and "time.sleep(30.0)" in (out / "gpu_check.log").read_text():
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = read_summary(out)
+    env_step, *rest = summary["steps"]
+    assert summary["finished"] is True
+    assert env_step["status"] == "killed" and env_step["seconds"] < 15, env_step
+    assert all((s["status"], s["reason"]) == ("skipped", "the run was killed") for s in rest), rest
