@@ -223,7 +223,7 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path("/tmp/ddetr-ingest"), help="where the images and shards go")
     p.add_argument("--map-cpus", type=float, default=None, help="Ray decode task CPUs (default: the config's)")
     p.add_argument("--decode-batch-size", type=int, default=16, help="Ray: images per decoded block")
-    p.add_argument("--read-size", type=int, default=64, help="Ray: images one decode task reads")
+    p.add_argument("--read-size", type=int, default=128, help="Ray: images one decode task reads (the default)")
     p.add_argument("--prefetch", type=int, default=1, help="Ray: iter_torch_batches prefetch_batches")
     p.add_argument("--object-store-mb", type=int, default=0, help="Ray: Data's object store limit (0: Ray's own)")
     p.add_argument("--max-tasks", type=int, default=0, help="Ray: decode tasks at once (0: the pipeline's cap)")

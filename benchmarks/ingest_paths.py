@@ -231,7 +231,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--map-cpus", type=float, default=0.5)
     p.add_argument("--decode-batch-size", type=int, default=16)
-    p.add_argument("--read-size", type=int, default=64)
+    p.add_argument("--read-size", type=int, default=128)
     p.add_argument("--max-tasks", type=int, default=0)
     p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--object-store-mb", type=int, default=0, help="Ray Data's object store limit (0: Ray's own)")

@@ -88,4 +88,4 @@ def test_decoded_chunks_leave_the_task_as_blocks_and_tasks_are_capped(tmp_path, 
         # into one block at the task's end, and the first batch would wait for the whole task.
         ds = build_ray_dataset(paths.train_shards, CFG, train=True, decode_batch_size=4, read_size=24)
         assert ds.materialize().num_blocks() >= 24 // 4
-    assert decode_task_cap(1) == 2 and decode_task_cap(2) == 1 and decode_task_cap(8) == 1  # ray_local: 2 CPUs
+    assert decode_task_cap(1) == 3 and decode_task_cap(2) == 2 and decode_task_cap(8) == 2  # ray_local: 2 CPUs

@@ -103,7 +103,8 @@ def decoded_image_bytes(cfg: TransformConfig, train: bool) -> int:
 
 
 def decode_task_cap(world_size: int) -> int:
-    """Decode tasks one rank's dataset may run at once: the cluster's CPUs shared among the ranks (at least 1).
+    """Decode tasks one rank's dataset may run at once: the cluster's CPUs shared among the ranks (at least 1), plus
+    one.
 
     Why a cap, when each task asks for ``num_cpus`` < 1: without one, Ray Data runs CPUs / num_cpus tasks, each in its
     own worker process, more workers than the node's CPUs. Ray keeps that many idle workers for 1 s only
@@ -111,9 +112,15 @@ def decode_task_cap(world_size: int) -> int:
     CPU per task, an epoch of 200 COCO-sized images took 6 s instead of 2, most of it in starting workers (each import
     of Ray and Arrow costs about a CPU-second) on the cores that decode. The tasks still ask for ``num_cpus``, so they
     fit beside the training workers.
+
+    Why one more: between the end of a task and the start of the next on the same worker, ~0.1 s passes (Ray Data's
+    scheduling loop notices a finished task within its 0.1 s wait, then leases a worker for the next). With exactly
+    one task per CPU that gap idles the CPU: on 2 CPUs a decode-bound epoch kept 1.6 busy. One task queued beyond the
+    CPUs fills it (with ``read_size`` 128, 2 cores decoded 0.95x what ddetr's DataLoader does, against 0.82x; see
+    docs/ingest.md); the extra worker is busy all epoch, so it is not churned.
     """
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, cpus // max(1, world_size))
+    return max(1, cpus // max(1, world_size)) + 1
 
 
 def build_ray_dataset(
@@ -129,7 +136,7 @@ def build_ray_dataset(
     num_cpus: float = 0.5,
     decode_batch_size: int = 16,
     deal_size: int = 1,
-    read_size: int = 64,
+    read_size: int = 128,
     max_tasks: int | None = None,
     skip_unreadable: bool = False,
     filesystem: pafs.FileSystem | None = None,
