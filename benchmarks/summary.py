@@ -3,9 +3,10 @@
     python benchmarks/summary.py            # print the table
     python benchmarks/summary.py --write    # replace the table between the README's markers
 
-Reads `benchmarks/results/ingest-cpu.json` (`ingest.py`), `convert-cpu.json` (`convert.py`) and
-`ray-overhead-cpu.json` (`ray_overhead.py`); `tests/test_readme.py` checks that the README holds what this renders
-from the committed JSON, so a new measurement changes the README only through this script.
+Reads `benchmarks/results/ingest-cpu.json` (`ingest.py`), `convert-cpu.json` (`convert.py`),
+`ray-overhead-cpu.json` (`ray_overhead.py`) and `train-cpu.json` (`train.py`); `tests/test_readme.py` checks that
+the README holds what this renders from the committed JSON, so a new measurement changes the README only through this
+script.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def render() -> str:
     serial = [conv[f"{n}x1"] for n in sizes]
     ovh = overhead["summary"]["overhead"]
     one, two = ovh["ray-1w-1t vs local-1t"], ovh["ray-1w-2t vs local-2t"]
+    train = _load("train-cpu.json")
+    ray_starts = [r["startup"] for r in train["runs"] if "fit_to_first_batch_s" in r["startup"]]
     rows = [
         ("Ray Data, images/s per core (median, min–max)", rate("ray_data")),
         ("ddetr's DataLoader, images/s per core", rate("dataloader")),
@@ -70,6 +73,9 @@ def render() -> str:
          " / ".join(f"{row['peak_tree_pss_mb']:.0f} MB at {n:,}" for n, row in zip(sizes, serial, strict=True))),
         ("Ray Train (1 worker) against one process, step time, 1 / 2 torch threads",
          f"{one['overhead_pct']:+.1f}% / {two['overhead_pct']:+.1f}%"),
+        (f"Ray Train, `fit()` to rank 0's first batch ({train['settings']['workers']} workers, "
+         f"{train['settings']['preset']} model; of it, to the training loop)",
+         " / ".join(f"{s['fit_to_first_batch_s']:.1f} s ({s['fit_to_loop_s']:.1f} s)" for s in ray_starts)),
     ]  # fmt: skip
     lines = [
         f"COCO-like JPEGs (~640×480, ~160 KB), the paper's training augmentation, {cores} pinned cores of a "
