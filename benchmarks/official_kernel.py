@@ -10,11 +10,10 @@ directly (no Python autograd) with CUDA events on the inputs of benchmarks/msda.
     python3 .official/bench.py build --build-dir build/official          # the shim runs this file's main()
     python3 .official/bench.py time --out results.json --build-dir build/official [--repeat N] [--dry-run]
 
-`time` measures, per shape, forward, backward and forward + backward (median of --repeat after a warm-up) for the
-official fp32 kernel and ours in fp32, bf16, fp16 and fp32 with the deterministic backward; the ratios
-official / ours; and the parity of ours fp32 against official fp32 (see `parity`). Without a CUDA device, or with
---dry-run, `build` and `time` only check that the patches apply, print a line starting "skip:" and exit 0.
-"""
+`time` measures, per shape, forward, backward and both (median of --repeat after a warm-up) for the official fp32
+kernel and ours in fp32, bf16, fp16 and fp32 with the deterministic backward, the ratios, and the parity of ours fp32
+against official fp32 (`parity`). Without CUDA, or with --dry-run, `build` and `time` only check that the patches
+apply, print a line starting "skip:" and exit 0."""
 
 from __future__ import annotations
 
