@@ -118,7 +118,8 @@ def train_and_evaluate(cfg: Config) -> dict:
 
 def measure_ap(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) -> dict:
     """Train each variant for each seed; the `ap` and `equal_wall_clock` sections and the step ratios measured,
-    passed to `save` after every run as well (a run takes minutes: an invocation cut short keeps what it trained)."""
+    passed to `save` once the step ratios are measured and after every run (a run takes minutes: an invocation cut
+    short keeps what it measured)."""
     data_root = work / "synthetic"
     make_synthetic_coco(str(data_root), args.train_images, args.val_images, seed=DEMO_SEED)
     ratios = measure_step_ratios(args) if args.equal_wall_clock else {}
@@ -134,17 +135,22 @@ def measure_ap(args: argparse.Namespace, work: Path, save: Callable[[dict], None
             report["equal_wall_clock"] = {"how": EQUAL_HOW, "threshold": args.same_within, "variants": equal_summary}
         return report
 
+    # A variant within the noise of plain's step trains the same steps in the same time: its result at the demo's
+    # steps is its equal-wall-clock result, recorded now (and saved with the ratios) for every seed.
+    same = {v for v, r in ratios.items() if r["ratio"] <= args.same_within}
+    for variant in same:
+        equal[variant] = [
+            {"seed": s, "step_ratio": ratios[variant]["ratio"], "same_as_demo_steps": True} for s in args.seeds
+        ]
+    save(sections())
     for seed in args.seeds:
         for variant in args.variants:  # alternate within a seed: the machine's load drifts alike for every variant
             if not args.skip_demo_steps:
                 runs[variant].append(train_variant(args, data_root, work, variant, seed))
                 save(sections())
-            if variant not in ratios:
+            if variant not in ratios or variant in same:
                 continue
             ratio = ratios[variant]["ratio"]
-            if ratio <= args.same_within:  # within the noise of plain's step: the same steps in the same time
-                equal[variant].append({"seed": seed, "step_ratio": ratio, "same_as_demo_steps": True})
-                continue
             # The steps plain's time buys this variant, spread over the same epochs (the lr drop keeps its epoch).
             steps = max(args.epochs, round(demo_steps / ratio))
             result = train_variant(args, data_root, work, variant, seed, max_steps=-(-steps // args.epochs))
