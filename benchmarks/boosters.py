@@ -128,7 +128,7 @@ def measure_ap(args: argparse.Namespace, work: Path, save: Callable[[dict], None
     equal: dict[str, list[dict]] = {v: [] for v in ratios}
 
     def sections() -> dict:
-        ap, equal_summary = summarise(runs, equal)
+        ap, equal_summary = summarise(runs, equal, {v: {r["ratio"]} for v, r in ratios.items()})
         report = {"ap": ap} if runs else {}
         if args.equal_wall_clock:
             report["step_ratios"] = ratios

@@ -49,8 +49,12 @@ def spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "spread": max(values) - min(values), "values": values}
 
 
-def summarise(ap_runs: dict[str, list[dict]], equal_runs: dict[str, list[dict]]) -> tuple[dict, dict]:
-    """The `ap` and `equal_wall_clock.variants` sections from runs by variant (each run a dict with `seed`).
+def summarise(
+    ap_runs: dict[str, list[dict]], equal_runs: dict[str, list[dict]], step_ratios: dict[str, set[float]] | None = None
+) -> tuple[dict, dict]:
+    """The `ap` and `equal_wall_clock.variants` sections from runs by variant (each run a dict with `seed`), and
+    the step ratios measured by variant (those of its runs are added; a variant with a ratio but no run yet is listed
+    with every seed missing).
 
     Seeds missing for a variant are those that any run of either section has and it lacks. Equal-wall-clock
     runs marked `same_as_demo_steps` take AP and AP50 from the variant's run at the demo's steps with the same seed
@@ -76,7 +80,9 @@ def summarise(ap_runs: dict[str, list[dict]], equal_runs: dict[str, list[dict]])
 
     demo = {(v, r["seed"]): r for v, runs in ap_runs.items() for r in runs}
     equal = {}
-    for variant, runs in equal_runs.items():
+    step_ratios = step_ratios or {}
+    for variant in dict.fromkeys([*equal_runs, *step_ratios]):
+        runs = equal_runs.get(variant, [])
         runs = sorted(runs, key=lambda r: r["seed"])
         for i, r in enumerate(runs):
             source = demo.get((variant, r["seed"])) if r.get("same_as_demo_steps") else None
@@ -85,7 +91,7 @@ def summarise(ap_runs: dict[str, list[dict]], equal_runs: dict[str, list[dict]])
         # A run kept at the demo's steps whose run there is not measured yet has no AP: its seed is missing.
         resolved = [r for r in runs if r.get("AP") is not None]
         equal[variant] = {
-            "step_ratios": sorted({r["step_ratio"] for r in runs}),
+            "step_ratios": sorted({r["step_ratio"] for r in runs} | step_ratios.get(variant, set())),
             "runs": runs,
             "seeds": [r["seed"] for r in resolved],
             "missing_seeds": [s for s in all_seeds if s not in {r["seed"] for r in resolved}],
@@ -120,6 +126,7 @@ def merge(reports: list[tuple[str, dict]]) -> dict:
     invocations: list[dict] = []
     ap_runs: dict[str, list[dict]] = {}
     equal_runs: dict[str, list[dict]] = {}
+    step_ratios: dict[str, set[float]] = {}
     first: dict[str, tuple[str, object]] = {}
     for name, report in reports:
         if "ap" not in report and "equal_wall_clock" not in report:
@@ -130,6 +137,10 @@ def merge(reports: list[tuple[str, dict]]) -> dict:
         own = report.get("invocations") or [{"source": name, **{k: report[k] for k in INVOCATION_KEYS if k in report}}]
         offset = len(invocations)
         invocations.extend(own)
+        for variant, ratio in report.get("step_ratios", {}).items():  # an invocation's measured ratios
+            step_ratios.setdefault(variant, set()).add(ratio["ratio"])
+        for variant, section in report.get("equal_wall_clock", {}).get("variants", {}).items():  # a merge's
+            step_ratios.setdefault(variant, set()).update(section.get("step_ratios", []))
         sections = [(ap_runs, {v: s["runs"] for v, s in report.get("ap", {}).items()})]
         sections.append(
             (equal_runs, {v: s["runs"] for v, s in report.get("equal_wall_clock", {}).get("variants", {}).items()})
@@ -144,7 +155,7 @@ def merge(reports: list[tuple[str, dict]]) -> dict:
     steps = {r["steps"] for runs in ap_runs.values() for r in runs}
     if len(steps) > 1:
         raise ValueError(f"runs at the demo's steps trained {sorted(steps)} steps: merge only runs of equal length")
-    ap, equal = summarise(ap_runs, equal_runs)
+    ap, equal = summarise(ap_runs, equal_runs, step_ratios)
     return {
         "benchmark": "boosters: AP of each switch and of all three against plain on the demo's data",
         "how": f"`benchmarks/boosters.py --merge` of {len(invocations)} invocations (`invocations`; each run names "
