@@ -116,7 +116,7 @@ def decode_task_cap(world_size: int) -> int:
     Why one more: between the end of a task and the start of the next on the same worker, ~0.1 s passes (Ray Data's
     scheduling loop notices a finished task within its 0.1 s wait, then leases a worker for the next). With exactly
     one task per CPU that gap idles the CPU: on 2 CPUs a decode-bound epoch kept 1.6 busy. One task queued beyond the
-    CPUs fills it (with ``read_size`` 128, 2 cores decoded 0.95x what ddetr's DataLoader does, against 0.82x; see
+    CPUs fills it (with ``read_size`` 128, 2 cores decoded 0.91x what ddetr's DataLoader does, against 0.82x; see
     docs/ingest.md); the extra worker is busy all epoch, so it is not churned.
     """
     cpus = int(ray.cluster_resources().get("CPU", 1))
