@@ -117,7 +117,8 @@ def decode_task_cap(world_size: int) -> int:
     scheduling loop notices a finished task within its 0.1 s wait, then leases a worker for the next). With exactly
     one task per CPU that gap idles the CPU: on 2 CPUs a decode-bound epoch kept 1.6 busy. One task queued beyond the
     CPUs fills it (with ``read_size`` 128, 2 cores decoded 0.91x what ddetr's DataLoader does, against 0.82x; see
-    docs/ingest.md); the extra worker is busy all epoch, so it is not churned.
+    docs/ingest.md). The extra worker is busy while an epoch decodes; between epochs Ray may stop it (idle workers
+    beyond the CPUs are kept 1 s), and the next epoch starts it again.
     """
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return max(1, cpus // max(1, world_size)) + 1
