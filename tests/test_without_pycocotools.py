@@ -106,3 +106,34 @@ def test_a_run_without_evaluation_trains(data, tmp_path):
     assert metrics["step"] == 2 and metrics["epoch"] == 1 and metrics["train/loss"] > 0
     assert "val/AP50" not in metrics  # nothing was evaluated
     assert list((storage / "nococo").glob("checkpoint_*")), sorted(p.name for p in (storage / "nococo").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_workers_without_pycocotools_end_the_run_in_one_line_without_retrying(data, tmp_path):
+    """The driver has pycocotools, its Ray workers do not (a worker node on another image): every worker refuses at
+    its start, the run ends with exit 2 and one line, and no attempt is retried (a restart would meet it again)."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(NO_PYCOCOTOOLS)  # Python imports it at every worker's start
+    code = f"""
+import sys
+
+import ray
+
+import pycocotools.coco  # the driver has it
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+         runtime_env={{"env_vars": {{"PYTHONPATH": {f"{blocker}:{ROOT}"!r}, "OMP_NUM_THREADS": "1"}}}})
+{CLI}"""
+    storage = tmp_path / "runs"
+    args = [*train_args(data, storage), "train.num_workers=1", "train.max_failures=3"]
+    args[args.index("local")] = "ray"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    out = done.stderr + done.stdout
+    assert done.returncode == 2, out
+    assert "Traceback" not in out, out
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "evaluation needs pycocotools: pip install pycocotools" in errors[0], out

@@ -65,8 +65,8 @@ def check_data(cfg: Config) -> None:
 def check_evaluation(cfg: Config) -> None:
     """pycocotools imports when the run evaluates (`data.val` set), here rather than after the first epoch.
 
-    This process's installation stands for the workers': the local engine is this process, and Ray workers share
-    their driver's (a local Ray) or the cluster image the driver runs from.
+    The driver checks its own installation here; each Ray worker checks again at its start (`ray_worker`), since a
+    worker node may run another image.
     """
     if not cfg.data.val:
         return

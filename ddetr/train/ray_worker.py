@@ -57,6 +57,7 @@ from ddetr.train.engine import NonFiniteLossError
 from ddetr.train.lease import HEARTBEAT_S, STALE_AFTER, RunLease, new_owner
 from ddetr.train.logbook import Logbook
 from ddetr.train.loop import fit
+from ddetr.train.preflight import check_evaluation
 from ddetr.train.results import RunResults
 from ddetr.train.run_files import rank_zero_log
 
@@ -355,6 +356,9 @@ class WorkerLoop:
         runtime = None
         try:
             check_cuda(cfg)
+            # The driver's preflight checked its own installation; a worker on another image may lack pycocotools.
+            # Every rank checks before its first collective, and the run ends instead of being retried.
+            check_evaluation(cfg)
             runtime = RayRuntime(cfg, resume)
             fit(cfg, runtime, self.callbacks)
         except (NonFiniteLossError, DataError, ConfigError) as err:
