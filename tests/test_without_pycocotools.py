@@ -122,7 +122,7 @@ import sys
 import ray
 
 import pycocotools.coco  # the driver has it
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
          runtime_env={{"env_vars": {{"PYTHONPATH": {f"{blocker}:{ROOT}"!r}, "OMP_NUM_THREADS": "1"}}}})
 {CLI}"""
     storage = tmp_path / "runs"
