@@ -110,20 +110,26 @@ def test_a_run_without_evaluation_trains(data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ray_workers_without_pycocotools_end_the_run_in_one_line_without_retrying(data, tmp_path):
+def test_ray_workers_without_pycocotools_end_the_run_in_one_line_without_retrying(data, tmp_path, ray_local):
     """The driver has pycocotools, its Ray workers do not (a worker node on another image): every worker refuses at
-    its start, the run ends with exit 2 and one line, and no attempt is retried (a restart would meet it again)."""
+    its start, the run ends with exit 2 and one line, and no attempt is retried (a restart would meet it again).
+
+    The driver joins the session's Ray as a job of its own, whose worker processes import the blocker at their
+    start. The job passes RAY_ADDRESS on (as a sweep's driver does, `ray_session.join(pass_address=True)`): Ray
+    Train's placement-group cleaner asks "the" Ray's State API, and on a machine running two Rays (CI's suite,
+    another test's cluster) it printed a traceback when it could not tell which."""
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(NO_PYCOCOTOOLS)  # Python imports it at every worker's start
+    address = ray_local.get_runtime_context().gcs_address
+    worker_env = {"PYTHONPATH": f"{blocker}:{ROOT}", "OMP_NUM_THREADS": "1", "RAY_ADDRESS": address}
     code = f"""
 import sys
 
 import ray
 
 import pycocotools.coco  # the driver has it
-ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
-         runtime_env={{"env_vars": {{"PYTHONPATH": {f"{blocker}:{ROOT}"!r}, "OMP_NUM_THREADS": "1"}}}})
+ray.init(address={address!r}, log_to_driver=True, runtime_env={{"env_vars": {worker_env!r}}})
 {CLI}"""
     storage = tmp_path / "runs"
     args = [*train_args(data, storage), "train.num_workers=1", "train.max_failures=3"]
