@@ -6,8 +6,8 @@ runtime environment (the checkout as the working directory), and hands them to R
     ddetr submit train --preset tiny --data s3://bucket/coco-shards train.name=tiny-a train.epochs=2 --follow
     ddetr submit train --config runs/tune/SWEEP/best_config.json train.epochs=50     a sweep's best config
     ddetr submit train --config exp.yaml --data s3://bucket/coco --resume s3://bucket/runs/RUN/latest
-    ddetr submit eval --checkpoint s3://bucket/runs/tiny/checkpoint_000009 --data s3://bucket/coco-shards
-    ddetr submit predict --checkpoint s3://bucket/runs/tiny/checkpoint_000009 --shards s3://b/val --out s3://b/p
+    ddetr submit eval --checkpoint s3://bucket/runs/tiny/checkpoint_00000009 --data s3://bucket/coco-shards
+    ddetr submit predict --checkpoint s3://bucket/runs/tiny/checkpoint_00000009 --shards s3://b/val --out s3://b/p
     ddetr submit predict --checkpoint s3://bucket/runs/tiny --out s3://b/p s3://b/cameras/ 'photos/**/*.jpg'
     ddetr submit tune --preset deformable_detr --data s3://bucket/coco-shards --max-concurrent 4
     ddetr submit run --entrypoint "ddetr data synth --out /tmp/synth" --follow

@@ -22,6 +22,9 @@ from ddetr.train.checkpoints import (
     STATE_FILE,
     CorruptCheckpointError,
     checkpoint_name,
+    checkpoint_order,
+    free_checkpoint_name,
+    is_checkpoint_name,
     latest_intact,
     list_checkpoints,
     load_checkpoint,
@@ -174,6 +177,28 @@ def test_the_prune_keeps_the_newest_intact_and_the_best_and_never_trusts_a_corru
 
 
 @pytest.mark.slow
+def test_a_step_written_again_under_its_own_name_sorts_after_the_first_and_is_found_newest(tmp_path):
+    assert checkpoint_name(600, rewrite=1) == "checkpoint_00000600-1"
+    assert free_checkpoint_name(600, set()) == checkpoint_name(600)
+    taken = {checkpoint_name(600), checkpoint_name(600, 1)}
+    assert free_checkpoint_name(600, taken) == checkpoint_name(600, 2)
+    for name in ("checkpoint_00000600-0", "checkpoint_00000600-", "checkpoint_00000600.tmp", "checkpoint_600"):
+        assert not is_checkpoint_name(name)
+        with pytest.raises(ValueError, match=name):
+            checkpoint_order(name)
+    for step, rewrite in ((2, 0), (4, 0), (4, 2), (4, 10), (10, 0)):
+        checkpoint(tmp_path, step)
+        if rewrite:
+            (tmp_path / checkpoint_name(step)).rename(tmp_path / checkpoint_name(step, rewrite))
+            checkpoint(tmp_path, step)
+    truncate(tmp_path / checkpoint_name(10))
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        checkpoint_name(2), checkpoint_name(4), checkpoint_name(4, 2), checkpoint_name(4, 10), checkpoint_name(10)
+    ]  # fmt: skip
+    chosen = latest_intact(tmp_path)  # step 10 is cut short; "-10" is newer than "-2" whatever the letters say
+    assert chosen is not None and chosen.name == checkpoint_name(4, 10)
+
+
 def test_local_engine_resumes_past_a_truncated_newest_checkpoint_and_the_intact_one_survives(dataset, tmp_path, caplog):
     from ddetr.train import train
 
@@ -251,3 +276,12 @@ def test_ray_resumes_past_a_truncated_latest_checkpoint(ray_local, dataset, tmp_
     newest = run / checkpoint_name(6)
     verify_checkpoint(newest)
     assert load_checkpoint(newest)["state"].step == 6
+    # Step 4 was written again after the fallback: under a name of its own, since Ray Train still holds the cut one
+    # as checkpoint 4 and deletes it by its path when it prunes it (here at step 6, keeping 2), which would delete
+    # the new one too and leave the run a checkpoint it registers but cannot find.
+    kept = [p.name for p in list_checkpoints(run)]
+    assert checkpoint_name(4) not in kept and kept == [checkpoint_name(4, rewrite=1), checkpoint_name(6)]
+    verify_checkpoint(run / checkpoint_name(4, rewrite=1))
+    with hard_timeout(300):  # Ray Train continues the run by its name only when every checkpoint it registered exists
+        assert train(apply_overrides(cfg, ["train.epochs=4"]), engine="ray")["step"] == 8
+    assert [p.name for p in list_checkpoints(run)] == [checkpoint_name(6), checkpoint_name(8)]

@@ -120,7 +120,7 @@ def test_continuing_with_another_number_of_learned_one_to_many_queries_is_refuse
     """Hybrid matching's learned queries are part of the training state (single-stage): their number must match;
     two-stage proposals playing them hold no parameters, so their number may change."""
     from ddetr.config import ConfigError
-    from ddetr.train.checkpoints import check_continuation
+    from ddetr.train.preflight import check_continuation
 
     def saved_run(name: str, overrides: list[str]) -> None:
         run = f"{s3_dir}/runs/{name}"

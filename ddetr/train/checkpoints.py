@@ -1,6 +1,7 @@
 """Checkpoints on disk, for both runtimes: what one holds, how it is named, written, verified and found.
 
-A run folder (`train.storage_path / train.name`) holds `checkpoint_<step>` folders, each with:
+A run folder (`train.storage_path / train.name`) holds `checkpoint_<step>` folders (`checkpoint_<step>-<n>` for a
+step written again under Ray Train, `checkpoint_name`), each with:
 
     state.pt            model, optimizer, scheduler, grad scaler, TrainState, config, dataset categories
     metrics.json        the checkpoint's metrics (val/AP ranks checkpoints), small and readable
@@ -26,7 +27,6 @@ latest as `RUN_DIR/latest`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -41,7 +41,6 @@ from typing import Any
 import torch
 
 from ddetr import io
-from ddetr.config import Config, ConfigError
 from ddetr.models.checkpoint import (
     MANIFEST_FILE,
     STATE_FILE,
@@ -56,10 +55,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
-# Model settings that do not change the architecture: a run may continue with other values of these.
-NOT_ARCHITECTURE = ("init_from", "pretrained_backbone", "msda_backend", "checkpoint_encoder")
 CHECKPOINT_PREFIX = "checkpoint_"
-_CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}\d{{8}}")  # not "<name>.tmp", a copy cut short
+# checkpoint_<8 digits>[-<n>], not "<name>.tmp" (a copy cut short)
+_CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d{{8}})(?:-([1-9]\d*))?")
 
 
 @dataclass
@@ -77,13 +75,43 @@ class TrainState:
 
 
 def is_checkpoint_name(name: str) -> bool:
-    """Whether `name` is a checkpoint folder's name (`checkpoint_<8 digits>`, not a copy cut short)."""
+    """Whether `name` is a checkpoint folder's name (`checkpoint_name`'s, not a copy cut short)."""
     return _CHECKPOINT_NAME.fullmatch(name) is not None
 
 
-def checkpoint_name(step: int) -> str:
-    """The folder name of the checkpoint taken after optimizer step `step`."""
-    return f"{CHECKPOINT_PREFIX}{step:08d}"
+def checkpoint_name(step: int, rewrite: int = 0) -> str:
+    """The folder name of the checkpoint taken after optimizer step `step`: `checkpoint_00000600`.
+
+    `rewrite` > 0 names the same step written again by a later attempt (`checkpoint_00000600-1`). Ray Train deletes
+    a checkpoint it prunes by its path: a run resumed from an older checkpoint (the registered latest was cut short)
+    must not write its new checkpoints where Ray Train still holds the old ones (`free_checkpoint_name`).
+    """
+    return f"{CHECKPOINT_PREFIX}{step:08d}" + (f"-{rewrite}" if rewrite else "")
+
+
+def checkpoint_order(name: str) -> tuple[int, int]:
+    """(step, rewrite) of a checkpoint folder's name: checkpoints sort by it, oldest first.
+
+    Raises:
+        ValueError: `name` is not a checkpoint's name.
+    """
+    found = _CHECKPOINT_NAME.fullmatch(name)
+    if found is None:
+        raise ValueError(f"{name!r} is not a checkpoint folder's name ({CHECKPOINT_PREFIX}<8 digits>[-<n>])")
+    return int(found[1]), int(found[2] or 0)
+
+
+def free_checkpoint_name(step: int, taken: Collection[str]) -> str:
+    """`checkpoint_name(step)`, or its first rewrite whose name is not in `taken`."""
+    rewrite = 0
+    while checkpoint_name(step, rewrite) in taken:
+        rewrite += 1
+    return checkpoint_name(step, rewrite)
+
+
+def checkpoint_names(run_dir: str) -> list[str]:
+    """The names of a run folder's checkpoint folders (a local path or a URI), oldest first; complete or not."""
+    return sorted((n for n in io.listdir(run_dir) if is_checkpoint_name(n)), key=checkpoint_order)
 
 
 def run_dir(storage_path: str, name: str) -> str:
@@ -153,11 +181,9 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     """Checkpoints of a local run folder, oldest first (those whose state file exists; see `latest_intact`)."""
     directory = Path(directory)
     found = [
-        p
-        for p in directory.glob(f"{CHECKPOINT_PREFIX}*")
-        if _CHECKPOINT_NAME.fullmatch(p.name) and (p / STATE_FILE).exists()
+        p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if is_checkpoint_name(p.name) and (p / STATE_FILE).exists()
     ]
-    return sorted(found, key=lambda p: p.name)
+    return sorted(found, key=lambda p: checkpoint_order(p.name))
 
 
 # Local checkpoint folders found intact, by the identity of their state file and manifest (inode, size, mtime): a
@@ -194,7 +220,7 @@ def latest_intact(
         the checkpoint's local folder (in place, or `fetch`'s copy), or None when none verifies.
     """
     run_dir = str(run_dir)
-    names = [n for n in io.listdir(run_dir) if _CHECKPOINT_NAME.fullmatch(n) and n not in skip]
+    names = [n for n in checkpoint_names(run_dir) if n not in skip]
     skipped: list[str] = []
     for name in reversed(names):
         candidate = io.join(run_dir, name)
@@ -220,46 +246,6 @@ def latest_intact(
             "%s: none of its %d checkpoints can be used; the run starts from the beginning", run_dir, len(names)
         )
     return None
-
-
-def check_continuation(cfg: Config) -> str | None:
-    """Refuse to continue a run folder whose checkpoints hold another model (a reused `train.name`).
-
-    The run folder may be local or in object storage: its latest checkpoint's `config.json` is read either way.
-
-    Returns:
-        the checkpoint the run continues from, or None when the run folder holds none (a fresh run).
-
-    Raises:
-        ConfigError: naming the folder and every differing model key.
-    """
-    run = run_dir(cfg.train.storage_path, cfg.train.name)
-    if io.is_uri(run):
-        latest = find_checkpoint(run, LATEST)
-    else:
-        intact = latest_intact(run)  # what the single-process runtime resumes from
-        latest = str(intact) if intact is not None else None
-    if latest is None or not io.exists(io.join(latest, CONFIG_FILE)):
-        return latest
-    saved_cfg = Config.from_dict(json.loads(io.read_text(io.join(latest, CONFIG_FILE))))
-    saved = saved_cfg.model
-    differing = [
-        f"model.{f.name} {getattr(saved, f.name)!r} -> {getattr(cfg.model, f.name)!r}"
-        for f in dataclasses.fields(saved)
-        if f.name not in NOT_ARCHITECTURE and getattr(saved, f.name) != getattr(cfg.model, f.name)
-    ]
-    # Hybrid matching's one-to-many queries are parameters of the training state unless two-stage proposals
-    # (without mixed query selection) play them: their number is then part of the model that continues.
-    learned = not cfg.model.two_stage or cfg.model.mixed_query_selection
-    before, now = saved_cfg.loss.one_to_many_queries, cfg.loss.one_to_many_queries
-    if learned and before != now:
-        differing.append(f"loss.one_to_many_queries {before!r} -> {now!r}")
-    if differing:
-        raise ConfigError(
-            f"run {run} holds checkpoints of another model ({', '.join(differing)}): choose another train.name "
-            "(the default is a new one each time), or --resume one of its checkpoints to start a new run from it"
-        )
-    return latest
 
 
 # ---- checkpoints by name: the best and latest pointers of a run folder -------------------------------------------
@@ -327,7 +313,7 @@ def update_pointers(run_dir: str, checkpoint: str, metrics: dict[str, Any]) -> N
     found = _scan(run_dir, BEST)
     if found is not None:
         found_name = posixpath.basename(found)
-        step = int(found_name.removeprefix(CHECKPOINT_PREFIX))
+        step = checkpoint_order(found_name)[0]
         io.atomic_write(io.join(run_dir, BEST), json.dumps({"checkpoint": found_name, "step": step,
                                                             "val/AP": checkpoint_score(found)}))  # fmt: skip
 
@@ -359,7 +345,7 @@ def find_checkpoint(run_dir: str, which: str = BEST) -> str | None:
 def _scan(run_dir: str, which: str) -> str | None:
     """The newest of a run folder's checkpoints, or the best by the val/AP of each `metrics.json` (taken oldest
     first, each replacing the best so far when it `_beats` it, as `update_pointers` does); None without any."""
-    names = [n for n in io.listdir(run_dir) if _CHECKPOINT_NAME.fullmatch(n) and _has_state(io.join(run_dir, n))]
+    names = [n for n in checkpoint_names(run_dir) if _has_state(io.join(run_dir, n))]
     if not names:
         return None
     if which == LATEST:

@@ -9,6 +9,7 @@ the `model.init_from` weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -18,10 +19,15 @@ from ddetr.train.checkpoints import (
     CONFIG_FILE,
     LATEST,
     STATE_FILE,
-    check_continuation,
+    find_checkpoint,
+    latest_intact,
     resolve_checkpoint,
+    run_dir,
     verify_checkpoint,
 )
+
+# Model settings that do not change the architecture: a run may continue with other values of these.
+NOT_ARCHITECTURE = ("init_from", "pretrained_backbone", "msda_backend", "checkpoint_encoder")
 
 
 def preflight(cfg: Config, resume: str | None = None) -> str | None:
@@ -42,6 +48,46 @@ def preflight(cfg: Config, resume: str | None = None) -> str | None:
         check_init_from(cfg)
         check_pretrained_backbone(cfg)
     return None
+
+
+def check_continuation(cfg: Config) -> str | None:
+    """Refuse to continue a run folder whose checkpoints hold another model (a reused `train.name`).
+
+    The run folder may be local or in object storage: its latest checkpoint's `config.json` is read either way.
+
+    Returns:
+        the checkpoint the run continues from, or None when the run folder holds none (a fresh run).
+
+    Raises:
+        ConfigError: naming the folder and every differing model key.
+    """
+    run = run_dir(cfg.train.storage_path, cfg.train.name)
+    if io.is_uri(run):
+        latest = find_checkpoint(run, LATEST)
+    else:
+        intact = latest_intact(run)  # what the single-process runtime resumes from
+        latest = str(intact) if intact is not None else None
+    if latest is None or not io.exists(io.join(latest, CONFIG_FILE)):
+        return latest
+    saved_cfg = Config.from_dict(json.loads(io.read_text(io.join(latest, CONFIG_FILE))))
+    saved = saved_cfg.model
+    differing = [
+        f"model.{f.name} {getattr(saved, f.name)!r} -> {getattr(cfg.model, f.name)!r}"
+        for f in dataclasses.fields(saved)
+        if f.name not in NOT_ARCHITECTURE and getattr(saved, f.name) != getattr(cfg.model, f.name)
+    ]
+    # Hybrid matching's one-to-many queries are parameters of the training state unless two-stage proposals
+    # (without mixed query selection) play them: their number is then part of the model that continues.
+    learned = not cfg.model.two_stage or cfg.model.mixed_query_selection
+    before, now = saved_cfg.loss.one_to_many_queries, cfg.loss.one_to_many_queries
+    if learned and before != now:
+        differing.append(f"loss.one_to_many_queries {before!r} -> {now!r}")
+    if differing:
+        raise ConfigError(
+            f"run {run} holds checkpoints of another model ({', '.join(differing)}): choose another train.name "
+            "(the default is a new one each time), or --resume one of its checkpoints to start a new run from it"
+        )
+    return latest
 
 
 def check_data(cfg: Config) -> None:

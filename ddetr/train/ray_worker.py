@@ -44,10 +44,11 @@ from ddetr.data.shards import DataError
 from ddetr.data.transforms import TransformConfig
 from ddetr.train.callbacks import StepCallback
 from ddetr.train.checkpoints import (
-    CHECKPOINT_PREFIX,
     MANIFEST_FILE,
     CorruptCheckpointError,
-    checkpoint_name,
+    checkpoint_names,
+    checkpoint_order,
+    free_checkpoint_name,
     latest_intact,
     run_dir,
     verify_checkpoint,
@@ -91,6 +92,8 @@ class RayRuntime:
         run = run_dir(cfg.train.storage_path, cfg.train.name)
         self.results = RunResults(cfg, run, self.logbook, self._evaluator, enabled=self.rank == 0)
         self._restored: list[Path] = []  # node copies of checkpoints in object storage, removed at the end
+        # Names Ray Train may still hold after a fallback (`_intact_or_older`): new checkpoints go under others.
+        self._taken: set[str] = set()
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.world_size == 1:
@@ -137,13 +140,13 @@ class RayRuntime:
         self.results.step(kind, step, metrics)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        # Named by step as in the single-process runtime, so `local.list_checkpoints` reads either run folder.
+        name = free_checkpoint_name(int(metrics.get("step", 0)), self._taken)
         if not metrics.get("mid_epoch"):
             self.logbook.write("epoch", int(metrics.get("step", 0)), metrics)
-            self.results.epoch(metrics)  # the evaluation's table and pictures, the tracker (rank 0)
+            self.results.epoch(metrics, name)  # the evaluation's table and pictures, the tracker (rank 0)
         elif checkpoint_dir is not None:
             self.logbook.flush()
-        # Named by step as in the single-process runtime, so `local.list_checkpoints` reads either run folder.
-        name = checkpoint_name(int(metrics.get("step", 0)))
         mode = upload_mode(self.cfg)
         if mode == ray.train.CheckpointUploadMode.SYNC:
             checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -221,7 +224,11 @@ class RayRuntime:
             log.warning("%s holds no intact checkpoint besides %s: the run starts from the beginning", run, failed)
         else:
             log.warning("resuming from %s instead of %s, which cannot be used", chosen.name, failed)
-        step = int(chosen.name.removeprefix(CHECKPOINT_PREFIX)) if chosen is not None else 0
+        step = checkpoint_order(chosen.name)[0] if chosen is not None else 0
+        # Ray Train holds `failed` (and may hold others past `chosen`) and deletes each by its path when it prunes
+        # it: the steps this run takes again are written under names of their own (`checkpoints.checkpoint_name`).
+        since = checkpoint_order(chosen.name) if chosen is not None else (-1, 0)
+        self._taken.update([failed, *(n for n in checkpoint_names(run) if checkpoint_order(n) > since)])
         self.logbook.write("checkpoint_fallback", step, {
             "skipped": failed, "reason": reason, "checkpoint": chosen.name if chosen is not None else ""
         })  # fmt: skip

@@ -97,8 +97,10 @@ class RunResults:
         if self.tracker is not None and kind == "step":
             self.tracker.log_metrics(metrics, step)
 
-    def epoch(self, metrics: dict[str, Any]) -> None:
-        """An epoch's metrics: to the tracker; the pending evaluation's table and pictures to the run folder."""
+    def epoch(self, metrics: dict[str, Any], checkpoint: str | None = None) -> None:
+        """An epoch's metrics: to the tracker; the pending evaluation's table and pictures to the run folder.
+
+        `checkpoint`: the name of the epoch's checkpoint folder, when not `checkpoint_name(step)` (a rewrite)."""
         if not self.enabled:
             return
         step, epoch = int(metrics.get("step", 0)), int(metrics.get("epoch", 0))
@@ -114,7 +116,7 @@ class RunResults:
             ap = metrics.get("val/AP")
             if evaluation is not None and isinstance(ap, (int, float)) and ap > self._best_ap:
                 self._best_ap = float(ap)
-                self.tracker.set_best(io.join(self.run_dir, checkpoint_name(step)))
+                self.tracker.set_best(io.join(self.run_dir, checkpoint or checkpoint_name(step)))
         self._completed = epoch >= self.cfg.train.epochs
 
     def _write(self, evaluation: Evaluation, epoch: int, step: int) -> None:
