@@ -3,7 +3,11 @@ a rank whose batches run out early repeats one, an epoch with no decodable image
 
 from __future__ import annotations
 
+import datetime
 import json
+import socket
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -11,13 +15,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.distributed as dist
 
 from ddetr.config import apply_overrides, build_config, get_preset
 from ddetr.data.decode import decode_rows, fill_failed
 from ddetr.data.shards import DataError, read_metadata, shard_uris
 from ddetr.data.synthetic import make_synthetic_coco
 from ddetr.data.transforms import TransformConfig
-from ddetr.train.batches import planned_groups, step_groups
+from ddetr.train.batches import DataStallError, in_step, planned_groups, step_groups
 from ddetr.train.callbacks import ImageTrace
 from ddetr.train.logbook import read_metrics
 
@@ -84,6 +89,63 @@ def test_an_epoch_without_a_single_decodable_image_is_a_data_error() -> None:
     with pytest.raises(DataError, match="epoch 3: no rank got a single image"):
         list(planned_groups([], accum=1, steps_left=2, epoch=3, device=torch.device("cpu")))
     assert list(planned_groups([], accum=1, steps_left=0, epoch=0, device=torch.device("cpu"))) == []
+
+
+def _stall_on_rank(rank: int, port: int, stall_rank: int, out: str) -> None:
+    """Rank `stall_rank`'s training batches stop after 2 (its data tasks starved), the other's keep coming; then a
+    validation pass in which the same rank stalls. Each rank writes what it saw."""
+    # A collective that waits 20 s fails: a rank left waiting (the stall not agreed on) ends the test, not CI.
+    timeout = datetime.timedelta(seconds=20)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timeout)
+    never = threading.Event()
+
+    def batches():
+        for i in range(8):
+            if rank == stall_rank and i == 2:
+                never.wait()
+            yield {"targets": [{}], "substituted": 0}
+
+    seen: dict = {"steps": 0}
+    started = time.monotonic()
+    try:
+        for _ in planned_groups(batches(), accum=1, steps_left=6, epoch=1, device=torch.device("cpu"), watchdog_s=1):
+            seen["steps"] += 1
+    except DataStallError as err:
+        seen["training"] = str(err)
+    try:
+        in_step(rank == stall_rank, [], "validation", 1, torch.device("cpu"), "validation after epoch 2: ")
+    except DataStallError as err:
+        seen["validation"] = str(err)
+    seen["seconds"] = time.monotonic() - started
+    Path(f"{out}.{rank}").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def test_a_rank_whose_batches_stall_ends_the_run_on_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    """Two real gloo ranks; rank 1's batches stop coming. Its watchdog fires after 1 s, and both ranks raise the same
+    DataStallError after the same 2 steps, in the step's collective, instead of rank 0 waiting in it until the
+    collective's own timeout (30 min). The same for a validation pass."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "seen")
+    torch.multiprocessing.spawn(_stall_on_rank, args=(port, 1, out), nprocs=2, join=True)
+    seen = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+    assert seen[0]["steps"] == seen[1]["steps"] == 2
+    assert seen[0]["training"] == seen[1]["training"]
+    assert seen[0]["training"].startswith("epoch 1, step 3 of the epoch: 1 of 2 ranks: no training batch for 1 s")
+    assert seen[0]["validation"] == seen[1]["validation"]
+    assert seen[0]["validation"].startswith("validation after epoch 2: 1 of 2 ranks: no validation batch for 1 s")
+    assert max(s["seconds"] for s in seen) < 30
+
+
+def test_a_single_process_whose_batches_stall_names_the_step() -> None:
+    def stalled():
+        yield {"targets": [{}]}
+        threading.Event().wait()
+
+    with pytest.raises(DataStallError, match=r"^epoch 0, step 2 of the epoch: no training batch for 0.2 s"):
+        list(planned_groups(stalled(), accum=1, steps_left=3, epoch=0, device=torch.device("cpu"), watchdog_s=0.2))
 
 
 def test_a_local_run_whose_images_all_fail_ends_in_a_data_error(tmp_path: Path) -> None:

@@ -42,7 +42,12 @@ def test_a_stalled_validation_pipeline_ends_in_the_watchdog_error(tmp_path, hard
     )
     runtime = StalledValidation(cfg, device="cpu")
     try:
-        with hard_timeout(60), pytest.raises(DataStallError, match=r"^no validation batch for 1 s \(data.watchdog_s\)"):
+        with (
+            hard_timeout(60),
+            pytest.raises(
+                DataStallError, match=r"^validation after epoch 1: no validation batch for 1 s \(data.watchdog_s\)"
+            ),
+        ):
             loop.fit(cfg, runtime)
     finally:
         runtime.close()

@@ -3,8 +3,9 @@ exactly as many steps on every rank as the epoch's plan says, whatever the data 
 
 An image that fails to decode is replaced in its batch by the pipeline (`data/decode.py`, flagged as a stand-in);
 when a rank's batches still run out early (a whole read item undecodable), its last step's batches are repeated
-and counted as stand-ins too; a rank with no batch at all ends the epoch on every rank with a DataError, agreed in
-one collective, so no rank is ever left waiting in a collective the others never reach.
+and counted as stand-ins too; a rank with no batch at all, or one whose batches stop coming for `data.watchdog_s`,
+ends the run on every rank with a DataError agreed in one collective per step, so no rank is ever left waiting in a
+collective the others never reach.
 """
 
 from __future__ import annotations
@@ -23,6 +24,32 @@ from ddetr.train.engine import world_sum
 
 class DataStallError(DataError):
     """No batch arrived within `data.watchdog_s`; the message names the likely cause and what to change."""
+
+
+def stall_message(what: str, timeout_s: float) -> str:
+    """DataStallError's message: no `what` batch ("training", "validation") for `timeout_s`, and why it may be."""
+    return (
+        f"no {what} batch for {timeout_s:g} s (data.watchdog_s). The likely cause: the data tasks get no "
+        "CPU, because the training workers hold them (train.num_workers x train.cpus_per_worker + "
+        "data.map_cpus above the cluster's CPUs): lower train.cpus_per_worker (0 derives it) or "
+        "data.map_cpus, or add nodes. On slow storage, raise data.watchdog_s"
+    )
+
+
+def in_step(
+    stalled: bool, values: list[float], what: str, timeout_s: float, device: torch.device, where: str = ""
+) -> list[float]:
+    """One all-reduce on every rank of whether its `what` batches stalled (its watchdog fired, `watched`) and of
+    `values`: returns [ranks, *their sums]. When any rank stalled, every rank raises the same DataStallError instead:
+    a stalled rank that raised alone would leave the others waiting in their next collective until its timeout.
+
+    `where` begins the message ("epoch 3, step 17 of the epoch: ").
+    """
+    stalls, ranks, *sums = world_sum([float(stalled), 1.0, *values], device)
+    if stalls:
+        ranks_said = f"{int(stalls)} of {int(ranks)} ranks: " if ranks > 1 else ""
+        raise DataStallError(f"{where}{ranks_said}{stall_message(what, timeout_s)}")
+    return [ranks, *sums]
 
 
 def watched(batches: Iterable[dict], timeout_s: float, what: str = "training") -> Iterator[dict]:
@@ -52,12 +79,7 @@ def watched(batches: Iterable[dict], timeout_s: float, what: str = "training") -
         try:
             batch, err = queue.get(timeout=timeout_s)
         except Empty:
-            raise DataStallError(
-                f"no {what} batch for {timeout_s:g} s (data.watchdog_s). The likely cause: the data tasks get no "
-                "CPU, because the training workers hold them (train.num_workers x train.cpus_per_worker + "
-                "data.map_cpus above the cluster's CPUs): lower train.cpus_per_worker (0 derives it) or "
-                "data.map_cpus, or add nodes. On slow storage, raise data.watchdog_s"
-            ) from None
+            raise DataStallError(stall_message(what, timeout_s)) from None
         if err is not None:
             raise err
         if batch is done:
@@ -88,20 +110,28 @@ def step_groups(batches: Iterable[dict], accum: int, steps_left: int) -> Iterato
 
 
 def planned_groups(
-    batches: Iterable[dict], accum: int, steps_left: int, epoch: int, device: torch.device
+    batches: Iterable[dict], accum: int, steps_left: int, epoch: int, device: torch.device, watchdog_s: float = 0.0
 ) -> Iterator[tuple[list[dict], float, int]]:
-    """`step_groups`, after every rank has said whether it has a first batch (one all-reduce per epoch, on every
-    rank). The same number of steps on every rank: the planned one, or none with a DataError on every rank."""
-    groups = step_groups(batches, accum, steps_left)
-    first = next(groups, None)
-    if steps_left > 0:
-        with_data, ranks = world_sum([float(first is not None), 1.0], device)
-        if with_data < ranks:
+    """`step_groups` of `batches` under the watchdog (`watched`, `watchdog_s`), every rank in step.
+
+    Before each step, one all-reduce on every rank says whether any rank's watchdog fired, and before the first,
+    whether every rank has a first batch. The same number of steps on every rank: the planned one, or fewer with a
+    DataError (a DataStallError) raised on every rank at the same collective.
+    """
+    groups = step_groups(watched(batches, watchdog_s), accum, steps_left)
+    for n in range(max(0, steps_left)):
+        try:
+            group, stalled = next(groups, None), False
+        except DataStallError:
+            group, stalled = None, True
+        where = f"epoch {epoch}, step {n + 1} of the epoch: "
+        ranks, with_data = in_step(stalled, [float(group is not None)], "training", watchdog_s, device, where)
+        if n == 0 and with_data < ranks:
             which = "no rank" if with_data == 0 else f"{int(ranks - with_data)} of {int(ranks)} ranks"
             raise DataError(
                 f"epoch {epoch}: {which} got a single image that decodes (each failed image is named in a warning "
                 "above): check the shards' image bytes, e.g. by reading them with `ddetr.data.shards.read_shard`"
             )
-    if first is not None:
-        yield first
-        yield from groups
+        if group is None:  # not reached: after a first batch, step_groups gives every planned step
+            return
+        yield group

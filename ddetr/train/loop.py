@@ -23,7 +23,7 @@ from ddetr.config import Config
 from ddetr.data.collate import batch_to
 from ddetr.models import build_model
 from ddetr.models.weights import init_from
-from ddetr.train.batches import DataStallError, planned_groups, watched  # noqa: F401 - DataStallError: re-exported
+from ddetr.train.batches import DataStallError, in_step, planned_groups, watched
 from ddetr.train.callbacks import StepCallback, StepInfo
 from ddetr.train.checkpoints import TrainState, load_checkpoint, save_checkpoint
 from ddetr.train.ema import ModelEMA
@@ -219,8 +219,10 @@ def fit(cfg: Config, runtime: Runtime, callbacks: Sequence[StepCallback] = ()) -
         progress = EpochProgress(epoch, t.epochs, steps_per_epoch, state.batches_done, runtime.rank == 0, t.log_every)
         sums: dict[str, float] = {}
         steps_here = stand_ins = 0
-        batches = watched(runtime.train_batches(epoch, skip_images=state.images_done), cfg.data.watchdog_s)
-        for group, data_wait, substituted in planned_groups(batches, accum, steps_left, epoch, device):
+        batches = runtime.train_batches(epoch, skip_images=state.images_done)
+        for group, data_wait, substituted in planned_groups(
+            batches, accum, steps_left, epoch, device, cfg.data.watchdog_s
+        ):
             tick = time.perf_counter()
             stand_ins += substituted
             group = [batch_to(b, device) for b in group]
@@ -299,9 +301,17 @@ def validate(cfg: Config, runtime: Runtime, run: Training) -> dict[str, float]:
         val = runtime.val_batches()
         if val is None:
             return {}
-        # Under the watchdog as the training batches are: a stalled validation pipeline ends in its error, not a hang.
+        # Under the watchdog as the training batches are: a stalled validation pipeline ends the run on every rank
+        # (agreed before the evaluation's gather, which the others would wait in), not a hang.
         val = watched(val, cfg.data.watchdog_s, "validation")
-        predictions = predict_batches(model, run.postprocessors["bbox"], val, device=runtime.device, amp_dtype=dtype)
+        try:
+            postprocess = run.postprocessors["bbox"]
+            predictions = predict_batches(model, postprocess, val, device=runtime.device, amp_dtype=dtype)
+            stalled = False
+        except DataStallError:
+            predictions, stalled = {}, True
+        where = f"validation after epoch {run.state.epoch}: "
+        in_step(stalled, [], "validation", cfg.data.watchdog_s, runtime.device, where)  # every rank, stalled or not
         metrics.update({f"{prefix}/{k}": v for k, v in runtime.evaluate(predictions).items()})
     return metrics
 
