@@ -12,6 +12,7 @@ shutdown run `ray stop --force`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -38,6 +39,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """A free port per name, all different: each socket stays bound until every port is picked (`free_port` called
+    once per name could give one port twice, which `ray start` refuses)."""
+    with contextlib.ExitStack() as stack:
+        sockets = {n: stack.enter_context(socket.socket()) for n in names}
+        for s in sockets.values():
+            s.bind(("127.0.0.1", 0))
+        return {n: s.getsockname()[1] for n, s in sockets.items()}
 
 
 def cluster_config(
@@ -96,7 +107,7 @@ class FakeCluster:
     def start(self, timeout_s: float = 90.0) -> FakeCluster:
         # Unix socket paths are limited to ~107 bytes and Ray nests several folders under --temp-dir: keep it short.
         self.root = Path(tempfile.mkdtemp(prefix="fc", dir="/tmp"))
-        ports = {n: free_port() for n in ("gcs", "dashboard", "client", "agent", "nm", "om", "metrics")}
+        ports = free_ports(("gcs", "dashboard", "client", "agent", "nm", "om", "metrics"))
         low = free_port() // 100 * 100  # a block of worker ports of its own (best effort: free now), apart from
         while any(low <= port < low + 100 for port in ports.values()):  # the ports above, which Ray refuses to share
             low = free_port() // 100 * 100

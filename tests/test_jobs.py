@@ -25,6 +25,7 @@ import pytest
 from ray.job_submission import JobStatus
 
 from ddetr import jobs as submit
+from tests.fake_cluster import free_ports
 
 HEAD_START_TIMEOUT_S = 120  # `ray start --head` takes ~4 s alone, several times that on a loaded 2-core machine
 TEST_TIMEOUT_S = 180  # hard limit per Ray test: a hang here is otherwise silent
@@ -145,7 +146,7 @@ def head() -> Iterator[tuple[str, str]]:
     tmp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
     token = "ddetr-jobs-test-" + os.urandom(16).hex()
     (tmp / "token").write_text(token)
-    ports = {name: _free_port() for name in ("gcs", "dashboard", "client", "agent")}
+    ports = free_ports(("gcs", "dashboard", "client", "agent"))  # all different
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp / "token"), RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_AUTH_TOKEN", None)
