@@ -148,6 +148,25 @@ def test_a_single_process_whose_batches_stall_names_the_step() -> None:
         list(planned_groups(stalled(), accum=1, steps_left=3, epoch=0, device=torch.device("cpu"), watchdog_s=0.2))
 
 
+@pytest.mark.parametrize("watchdog_s, collectives", [(0.0, 1), (5.0, 4)])
+def test_the_stall_check_costs_one_all_reduce_a_step_only_with_the_watchdog_on(watchdog_s, collectives, monkeypatch):
+    import ddetr.train.batches as batches_module
+
+    calls: list[list[float]] = []
+    real = batches_module.world_sum
+
+    def counted(values, device):
+        calls.append(list(values))
+        return real(values, device)
+
+    monkeypatch.setattr(batches_module, "world_sum", counted)
+    batches = [{"targets": [{}]} for _ in range(4)]
+    steps = list(
+        planned_groups(batches, accum=1, steps_left=4, epoch=0, device=torch.device("cpu"), watchdog_s=watchdog_s)
+    )
+    assert len(steps) == 4 and len(calls) == collectives
+
+
 def test_a_local_run_whose_images_all_fail_ends_in_a_data_error(tmp_path: Path) -> None:
     from ddetr.train import train
 

@@ -116,7 +116,8 @@ def planned_groups(
 
     Before each step, one all-reduce on every rank says whether any rank's watchdog fired, and before the first,
     whether every rank has a first batch. The same number of steps on every rank: the planned one, or fewer with a
-    DataError (a DataStallError) raised on every rank at the same collective.
+    DataError (a DataStallError) raised on every rank at the same collective. With the watchdog off
+    (`watchdog_s` <= 0) no rank can stall: only the first step's all-reduce is left.
     """
     groups = step_groups(watched(batches, watchdog_s), accum, steps_left)
     for n in range(max(0, steps_left)):
@@ -124,14 +125,16 @@ def planned_groups(
             group, stalled = next(groups, None), False
         except DataStallError:
             group, stalled = None, True
-        where = f"epoch {epoch}, step {n + 1} of the epoch: "
-        ranks, with_data = in_step(stalled, [float(group is not None)], "training", watchdog_s, device, where)
-        if n == 0 and with_data < ranks:
-            which = "no rank" if with_data == 0 else f"{int(ranks - with_data)} of {int(ranks)} ranks"
-            raise DataError(
-                f"epoch {epoch}: {which} got a single image that decodes (each failed image is named in a warning "
-                "above): check the shards' image bytes, e.g. by reading them with `ddetr.data.shards.read_shard`"
-            )
+        if n == 0 or watchdog_s > 0:
+            where = f"epoch {epoch}, step {n + 1} of the epoch: "
+            ranks, with_data = in_step(stalled, [float(group is not None)], "training", watchdog_s, device, where)
+            if n == 0 and with_data < ranks:
+                which = "no rank" if with_data == 0 else f"{int(ranks - with_data)} of {int(ranks)} ranks"
+                raise DataError(
+                    f"epoch {epoch}: {which} got a single image that decodes (each failed image is named in a "
+                    "warning above): check the shards' image bytes, e.g. by reading them with "
+                    "`ddetr.data.shards.read_shard`"
+                )
         if group is None:  # not reached: after a first batch, step_groups gives every planned step
             return
         yield group
