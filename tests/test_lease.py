@@ -160,39 +160,3 @@ def test_a_lease_in_object_storage(s3_server, s3_dir) -> None:  # noqa: F811
             time.sleep(5 * PERIOD_S)
             assert read_lease(run)["token"] == lease.record["token"] and not lease.lost
     assert key not in s3_server.keys(run)  # released
-
-
-def test_waiting_for_a_lease_lasts_as_long_as_its_holder_could_be_gone(tmp_path: Path) -> None:
-    """`wait_s=None` (rank 0 of a Ray run): a live holder is waited for until its lease would be stale (3 of its
-    0.2 s heartbeats, and a poll), then refused; a holder that stops while it is waited for is taken over."""
-    run = str(tmp_path / "run")
-    with holder(run) as other:
-        tick = time.monotonic()
-        with pytest.raises(RunInUseError, match=f"\\(pid {other.pid} on "):
-            RunLease.acquire(run, wait_s=None)
-        assert 3 * PERIOD_S <= time.monotonic() - tick < 3 * PERIOD_S + 5
-        other.send_signal(signal.SIGSTOP)
-        with RunLease.acquire(run, wait_s=None, period_s=PERIOD_S) as lease:
-            assert read_lease(run)["token"] == lease.record["token"]
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_ray_run_refused_by_its_workers_ends_in_one_error_and_writes_nothing_there(
-    ray_local, tmp_path: Path, data: str, hard_timeout
-) -> None:
-    """Another live run takes the folder after the driver's check (here: a trainer built without `train()`, as a
-    sweep's trial is): rank 0 is refused, both ranks end the attempt at once, and the driver raises the refusal,
-    neither retried (train.max_failures=3) nor written into the other run's folder."""
-    from ddetr.train.ray_train import build_trainer, check_result
-
-    run = tmp_path / "leased"
-    cfg = build_config(
-        "tiny", data, [*overrides(tmp_path), "train.num_workers=2", "train.cpus_per_worker=0.5", "data.map_cpus=0.5",
-                       "train.max_failures=3"],
-    )  # fmt: skip
-    with holder(str(run)) as other, hard_timeout(120):
-        with pytest.raises(RunInUseError, match=f"run folder {run} is in use by another live run \\(pid {other.pid}"):
-            check_result(build_trainer(cfg).fit())
-        assert set(os.listdir(run)) <= {LEASE_FILE, ".validate_storage_marker"}  # the marker: Ray Train's own
-        assert read_lease(str(run))["pid"] == other.pid  # still the holder's

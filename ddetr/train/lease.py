@@ -21,10 +21,9 @@ Who may take a lease (`judge`), in this order:
 
 Where it is taken: `train()` checks the folder on the driver before anything is written there (`check_free`: a
 live lease is refused at once, before Ray Train's controller touches the folder); then the local engine's process
-takes it in `LocalRuntime`, or rank 0 of a Ray run in `WorkerLoop`, which waits until another launch's lease would
-be stale (a sweep's trial restarted while its last rank 0, on another node, was just lost). Refused there, every
-rank ends the attempt at once and the driver raises the refusal (`ray_worker.py`): nothing is written into the
-other run's folder, and Ray Train does not retry what a retry would meet again.
+takes it in `LocalRuntime`, or rank 0 of a Ray run in `WorkerLoop`, which waits up to 3 heartbeats for another
+launch's lease to go stale (a sweep's trial restarted while its last rank 0, on another node, was just lost)
+before it raises (not reported: the refusal must not write its error into another run's folder).
 
 So a second live run is refused; a killed run's folder is free at once on the same machine and after 3 x 30 s from
 elsewhere. Heartbeats compare the holder's clock with the reader's: clocks must agree to well within a minute. The
@@ -187,23 +186,20 @@ class RunLease:
 
     @classmethod
     def acquire(
-        cls, run: str, owner: str | None = None, period_s: float = HEARTBEAT_S, wait_s: float | None = 0.0
+        cls, run: str, owner: str | None = None, period_s: float = HEARTBEAT_S, wait_s: float = 0.0
     ) -> RunLease:
-        """Take the lease of `run` for `owner` (a new owner when None), or wait up to `wait_s` for it to be free;
-        `wait_s=None`: until the lease found would be stale if its holder were gone (`stale_after_s`).
+        """Take the lease of `run` for `owner` (a new owner when None), or wait up to `wait_s` for it to be free.
 
         Raises:
             RunInUseError: another live run held it throughout.
         """
         owner = owner or new_owner()
-        deadline = None if wait_s is None else time.monotonic() + wait_s
+        deadline = time.monotonic() + wait_s
         while True:
             record = read_lease(run)
             verdict, holder = judge(record, owner)
             if verdict != "live":
                 break
-            if deadline is None:
-                deadline = time.monotonic() + stale_after_s(record) + POLL_S
             if time.monotonic() >= deadline:
                 raise _refusal(run, holder, record)
             log.info("waiting for the lease of %s, held by %s", run, holder)

@@ -27,10 +27,8 @@ from ddetr.train.callbacks import StepCallback
 from ddetr.train.checkpoints import run_dir, update_pointers
 from ddetr.train.console import quiet_forwarded_lines
 from ddetr.train.engine import NonFiniteLossError
-from ddetr.train.lease import RunInUseError
 from ddetr.train.ray_worker import (  # noqa: F401 - re-exported: the adapter's public names live here
     DATA_ERROR_KEY,
-    LEASE_REFUSED_KEY,
     NONFINITE_KEY,
     RUN_ERROR_FILE,
     SETUP_ERROR_KEY,
@@ -173,18 +171,13 @@ def build_trainer(
 
 def check_result(result: ray.train.Result) -> dict[str, Any]:
     """The metrics of a finished `TorchTrainer.fit()`; its error raised: a non-finite loss as NonFiniteLossError,
-    unreadable data as DataError, a worker that cannot train as configured as ConfigError, a run folder another
-    live run holds as RunInUseError (a ConfigError)."""
+    unreadable data as DataError, a worker that cannot train as configured as ConfigError."""
     if result.error is not None:
         raise result.error
-    returned = result.return_value if isinstance(result.return_value, dict) else {}
-    if LEASE_REFUSED_KEY in returned:  # the run folder is another live run's: nothing of it is this run's
-        raise RunInUseError(returned[LEASE_REFUSED_KEY])
     metrics = dict(result.metrics or {})
     error_file = io.join(str(result.path), RUN_ERROR_FILE) if result.path else ""
     if error_file and io.exists(error_file):
         metrics.update(json.loads(io.read_text(error_file)))
-    metrics.update(returned)
     if NONFINITE_KEY in metrics:
         raise NonFiniteLossError(
             f"{metrics[NONFINITE_KEY]}; the run stopped, its last good checkpoint is {result.checkpoint}"

@@ -32,7 +32,6 @@ import pyarrow.fs as pafs
 import ray
 import ray.data
 import ray.train
-import ray.train.collective
 import ray.train.torch
 import torch
 from torch import nn
@@ -56,7 +55,7 @@ from ddetr.train.checkpoints import (
 )
 from ddetr.train.console import same_on_every_rank_once
 from ddetr.train.engine import NonFiniteLossError
-from ddetr.train.lease import RunInUseError, RunLease, new_owner
+from ddetr.train.lease import HEARTBEAT_S, STALE_AFTER, RunLease, new_owner
 from ddetr.train.logbook import Logbook
 from ddetr.train.loop import fit
 from ddetr.train.preflight import check_evaluation
@@ -69,7 +68,6 @@ from ddetr.train.run_files import rank_zero_log
 NONFINITE_KEY = "nonfinite_loss"
 DATA_ERROR_KEY = "data_error"
 SETUP_ERROR_KEY = "setup_error"  # the worker cannot train as configured (a GPU torch cannot see): a ConfigError
-LEASE_REFUSED_KEY = "lease_refused"  # another live run holds the run folder (lease.py): a RunInUseError
 # Ray Train keeps in its Result only the metrics of reports that carry a checkpoint: rank 0 also writes the
 # error into the run folder, where `check_result` finds it whether or not a checkpoint came before.
 RUN_ERROR_FILE = "error.json"
@@ -340,9 +338,7 @@ class WorkerLoop:
         self.callbacks = tuple(callbacks)
         self.lease_owner = new_owner()
 
-    def __call__(self, config: dict[str, Any]) -> dict[str, str] | None:
-        """Train on this worker. Returns, on rank 0, an error that ends the run (its kind's key: its message) for
-        `check_result` (Ray Train gives it as the Result's return value), else None."""
+    def __call__(self, config: dict[str, Any]) -> None:
         config = dict(config)
         resume = config.pop("resume", None)
         cfg = Config.from_dict(config)
@@ -352,25 +348,16 @@ class WorkerLoop:
             set_torch_threads(cfg.train.cpus_per_worker)
         run = run_dir(cfg.train.storage_path, cfg.train.name)
         error_file = io.join(run, RUN_ERROR_FILE)
-        lease = refusal = None
-        if ctx.get_world_rank() == 0:
-            # Before rank 0 writes in the run folder. Another launch's lease is waited for until it would be stale (a
-            # sweep's trial restarted while its last attempt's rank 0, on another node, was just lost), then refused.
-            try:
-                lease = RunLease.acquire(run, self.lease_owner, wait_s=None)
-            except RunInUseError as err:
-                refusal = str(err)
-        if ctx.get_world_size() > 1:  # every rank learns it before its first collective of the training
-            refusal = ray.train.collective.broadcast_from_rank_zero(refusal)
-        if refusal is not None:
-            # Not raised (Ray Train would retry it, to meet it again), nor written into the other run's folder: every
-            # rank ends the attempt, and rank 0's return value reaches the driver, whose `check_result` raises it.
-            return {LEASE_REFUSED_KEY: refusal}
+        lease = None
         run_log = contextlib.ExitStack()
         if ctx.get_world_rank() == 0:
             # Rank 0's console lines also go to the run folder's log.txt, which the driver's logging cannot fill on
             # its own (run_files.py). After quiet_worker_logs, which replaces the root logger's handlers.
             run_log.enter_context(rank_zero_log(run))
+            # Before rank 0 writes in the run folder. Another launch's lease is waited for until it is stale (a
+            # sweep's trial restarted while its last attempt's rank 0, on another node, was just lost), then refused.
+            # The refusal is raised, not reported: it must not write its error into another run's folder.
+            lease = RunLease.acquire(run, self.lease_owner, wait_s=STALE_AFTER * HEARTBEAT_S)
             if io.exists(error_file):
                 io.remove(error_file)  # an earlier attempt's: this one starts afresh
         runtime = None
@@ -393,14 +380,12 @@ class WorkerLoop:
             if ctx.get_world_rank() == 0:
                 io.atomic_write(error_file, json.dumps({key: str(err)}))
             ray.train.report({key: str(err)})
-            return {key: str(err)}
         finally:
             if runtime is not None:
                 runtime.close()
             run_log.close()
             if lease is not None:
                 lease.release()
-        return None
 
 
 def check_cuda(cfg: Config) -> None:
