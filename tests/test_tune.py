@@ -225,6 +225,12 @@ def sweep(
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and its children, mid-sweep
             proc.wait()
         assert not (folder / "results.csv").exists(), "the sweep ended before it could be interrupted"
+        # The killed driver's trials give their CPUs back once Ray has cleaned its job up; the continued sweep starts
+        # after that (up to 60 s), as a user's would on a cluster, instead of its data tasks finding no CPU.
+        total = ray_local.cluster_resources().get("CPU", 0)
+        settle = time.monotonic() + 60
+        while ray_local.available_resources().get("CPU", 0) < total and time.monotonic() < settle:
+            time.sleep(0.5)
 
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
